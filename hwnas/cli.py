@@ -1,0 +1,50 @@
+"""The `hwnas` command: a thin layer over the Python API.
+
+Each command lives in `hwnas/commands/<name>.py` with `add_parser(subparsers)`; the parser sets
+`run`. Errors a user can cause (`HwnasError`) are caught here, once, and printed as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hwnas.errors import HwnasError
+
+COMMANDS = ("demo", "profile", "latency", "train", "search", "export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hwnas",
+        description="Hardware-aware NAS: profile a device, search under a latency budget, export engines.",
+        epilog="Run 'hwnas COMMAND --help' for a command's options and an example.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"hwnas.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"hwnas.commands.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except HwnasError as exc:
+        print(f"hwnas {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hwnas {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

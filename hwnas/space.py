@@ -1,0 +1,433 @@
+"""Search spaces of MobileNetV3-style networks: `Arch`, `BlockSpec`, `SearchSpace`.
+
+A space is declarative (stem, stages, head, and the elastic choices); everything else in hwnas
+(supernet, latency tables, searchers, exporters) reads the same `BlockSpec`s from it, so the LUT
+key of a block names exactly the module that the exported network runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hwnas.errors import ArchError
+
+RngLike = np.random.Generator | int | None
+
+ACTIVATIONS = ("relu", "hswish")
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Round channels the way MobileNetV3 does, so hidden widths stay hardware friendly."""
+    new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if new_value < 0.9 * value:
+        new_value += divisor
+    return new_value
+
+
+def as_rng(rng: RngLike) -> np.random.Generator:
+    """Accept a Generator or a seed, so that callers can pass either."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(rng)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One subnet of a space.
+
+    `kernels` and `expands` list the active blocks only (stage by stage, `sum(depths)` entries),
+    so two archs that build the same network are equal and share an `arch_id`.
+    """
+
+    space: str
+    resolution: int
+    depths: tuple[int, ...]
+    kernels: tuple[int, ...]
+    expands: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        object.__setattr__(self, "kernels", tuple(int(k) for k in self.kernels))
+        object.__setattr__(self, "expands", tuple(float(e) if float(e) % 1 else int(e) for e in self.expands))
+        object.__setattr__(self, "resolution", int(self.resolution))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "space": self.space,
+            "resolution": self.resolution,
+            "depths": list(self.depths),
+            "kernels": list(self.kernels),
+            "expands": list(self.expands),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Arch:
+        if not isinstance(data, Mapping):
+            raise ArchError(f"an arch must be a JSON object, got {type(data).__name__}")
+        missing = [f for f in ("space", "resolution", "depths", "kernels", "expands") if f not in data]
+        if missing:
+            raise ArchError(f"arch is missing field(s): {', '.join(missing)}")
+        try:
+            return cls(
+                space=str(data["space"]),
+                resolution=int(data["resolution"]),
+                depths=tuple(data["depths"]),
+                kernels=tuple(data["kernels"]),
+                expands=tuple(data["expands"]),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ArchError(f"arch has a field of the wrong type: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> Arch:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ArchError(f"arch is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @property
+    def arch_id(self) -> str:
+        """A short stable id: the same arch gets the same id in every process and run."""
+        return hashlib.sha1(self.to_json().encode()).hexdigest()[:12]
+
+    def stage_slices(self) -> list[slice]:
+        """Where each stage's blocks sit in `kernels` and `expands`."""
+        slices, start = [], 0
+        for depth in self.depths:
+            slices.append(slice(start, start + depth))
+            start += depth
+        return slices
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One concrete block as it runs: its `key` is the latency-table row key.
+
+    kind: "stem" (conv-bn-act), "first" (MobileNetV3's fixed depthwise-separable block),
+    "mbconv" (inverted residual), or "head" (1x1 conv, pooling, feature and classifier layers).
+    """
+
+    kind: str
+    in_size: int
+    cin: int
+    cout: int
+    kernel: int = 1
+    expand: float = 1
+    stride: int = 1
+    act: str = "relu"
+    se: bool = False
+    hidden: int = 0  # mbconv: expanded channels; head: channels of the last 1x1 conv before pooling
+    feature: int = 0  # head: width of the feature layer after pooling
+
+    @property
+    def out_size(self) -> int:
+        return (self.in_size - 1) // self.stride + 1
+
+    @property
+    def key(self) -> str:
+        """Readable and stable, e.g. `mbconv_i24x28_o40_k5_e4_h96_s2_hswish_se`."""
+        head = f"{self.kind}_i{self.cin}x{self.in_size}"
+        if self.kind == "head":
+            return f"{head}_h{self.hidden}_f{self.feature}_o{self.cout}_{self.act}"
+        if self.kind == "mbconv":
+            se = "_se" if self.se else ""
+            return (f"{head}_o{self.cout}_k{self.kernel}_e{self.expand:g}_h{self.hidden}"
+                    f"_s{self.stride}_{self.act}{se}")
+        return f"{head}_o{self.cout}_k{self.kernel}_s{self.stride}_{self.act}"
+
+    @property
+    def residual(self) -> bool:
+        return self.kind in ("mbconv", "first") and self.stride == 1 and self.cin == self.cout
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One elastic stage: up to max(depth_choices) inverted-residual blocks of one width."""
+
+    out_channels: int
+    stride: int
+    act: str = "relu"
+    se: bool = False
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The choices of a MobileNetV3-style space and the operations a searcher needs on them."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    stem_channels: int
+    stem_stride: int
+    stem_act: str
+    first_channels: int
+    stages: tuple[StageSpec, ...]
+    final_expand_channels: int
+    feature_channels: int
+    head_act: str
+    kernel_choices: tuple[int, ...]
+    expand_choices: tuple[float, ...]
+    depth_choices: tuple[int, ...]
+    resolution_choices: tuple[int, ...]
+    se_ratio: float = 0.25
+    dropout: float = 0.0
+    description: str = ""
+    _meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    # ---- the spec, for checkpoints and tables -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("_meta")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
+        data = dict(data)
+        data["stages"] = tuple(StageSpec(**s) for s in data["stages"])
+        for key in ("kernel_choices", "expand_choices", "depth_choices", "resolution_choices"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+    # ---- structure -----------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depth_choices)
+
+    def stage_in_channels(self, stage: int) -> int:
+        return self.first_channels if stage == 0 else self.stages[stage - 1].out_channels
+
+    def block_in_channels(self, stage: int, index: int) -> int:
+        """Input channels of block `index` of `stage` (only the first block changes width)."""
+        return self.stage_in_channels(stage) if index == 0 else self.stages[stage].out_channels
+
+    def hidden_channels(self, cin: int, expand: float) -> int:
+        return make_divisible(cin * expand)
+
+    def se_channels(self, hidden: int) -> int:
+        return make_divisible(hidden * self.se_ratio)
+
+    def input_shape(self, arch: Arch) -> tuple[int, int, int]:
+        self.validate(arch)
+        return (self.in_channels, arch.resolution, arch.resolution)
+
+    def blocks(self, arch: Arch) -> list[BlockSpec]:
+        """The concrete blocks of `arch`, stem to head, with the input size each one sees."""
+        self.validate(arch)
+        size = arch.resolution
+        specs = [
+            BlockSpec("stem", size, self.in_channels, self.stem_channels, kernel=3, stride=self.stem_stride,
+                      act=self.stem_act)
+        ]
+        size = specs[-1].out_size
+        specs.append(BlockSpec("first", size, self.stem_channels, self.first_channels, kernel=3, act="relu"))
+        for stage_index, (stage, sl) in enumerate(zip(self.stages, arch.stage_slices(), strict=True)):
+            for index, (kernel, expand) in enumerate(zip(arch.kernels[sl], arch.expands[sl], strict=True)):
+                cin = self.block_in_channels(stage_index, index)
+                stride = stage.stride if index == 0 else 1
+                spec = BlockSpec("mbconv", size, cin, stage.out_channels, kernel=kernel, expand=expand,
+                                 stride=stride, act=stage.act, se=stage.se,
+                                 hidden=self.hidden_channels(cin, expand))
+                specs.append(spec)
+                size = spec.out_size
+        specs.append(self._head(size))
+        return specs
+
+    def _head(self, size: int) -> BlockSpec:
+        return BlockSpec("head", size, self.stages[-1].out_channels, self.num_classes, act=self.head_act,
+                         hidden=self.final_expand_channels, feature=self.feature_channels)
+
+    def all_blocks(self) -> list[BlockSpec]:
+        """Every unique block that some arch of the space contains: what a profiler must time."""
+        seen: dict[str, BlockSpec] = {}
+        for resolution in self.resolution_choices:
+            size = (resolution - 1) // self.stem_stride + 1
+            candidates = [
+                BlockSpec("stem", resolution, self.in_channels, self.stem_channels, kernel=3,
+                          stride=self.stem_stride, act=self.stem_act),
+                BlockSpec("first", size, self.stem_channels, self.first_channels, kernel=3, act="relu"),
+            ]
+            for stage_index, stage in enumerate(self.stages):
+                out_size = (size - 1) // stage.stride + 1
+                for index in range(self.max_depth):
+                    cin = self.block_in_channels(stage_index, index)
+                    stride = stage.stride if index == 0 else 1
+                    in_size = size if index == 0 else out_size
+                    for kernel in self.kernel_choices:
+                        for expand in self.expand_choices:
+                            candidates.append(
+                                BlockSpec("mbconv", in_size, cin, stage.out_channels, kernel=kernel,
+                                          expand=expand, stride=stride, act=stage.act, se=stage.se,
+                                          hidden=self.hidden_channels(cin, expand)))
+                size = out_size
+            candidates.append(self._head(size))
+            for spec in candidates:
+                seen.setdefault(spec.key, spec)
+        return list(seen.values())
+
+    # ---- validity --------------------------------------------------------------------------------
+    def validate(self, arch: Arch) -> Arch:
+        """Refuse an arch that is not of this space, naming the bad field and the allowed values."""
+        if not isinstance(arch, Arch):
+            raise ArchError(f"expected an Arch, got {type(arch).__name__}")
+        if arch.space != self.name:
+            raise ArchError(f"arch belongs to space '{arch.space}', not '{self.name}'")
+        if arch.resolution not in self.resolution_choices:
+            raise ArchError(f"resolution {arch.resolution} is not allowed; choices: {list(self.resolution_choices)}")
+        if len(arch.depths) != self.num_stages:
+            raise ArchError(f"depths has {len(arch.depths)} entries; space '{self.name}' has {self.num_stages} stages")
+        for stage, depth in enumerate(arch.depths):
+            if depth not in self.depth_choices:
+                raise ArchError(f"depths[{stage}] = {depth} is not allowed; choices: {list(self.depth_choices)}")
+        total = sum(arch.depths)
+        for name, values, choices in (("kernels", arch.kernels, self.kernel_choices),
+                                      ("expands", arch.expands, self.expand_choices)):
+            if len(values) != total:
+                raise ArchError(f"{name} has {len(values)} entries; sum(depths) = {total} blocks need {total}")
+            for index, value in enumerate(values):
+                if value not in choices:
+                    raise ArchError(f"{name}[{index}] = {value} is not allowed; choices: {list(choices)}")
+        return arch
+
+    def arch_from_dict(self, data: Mapping[str, Any]) -> Arch:
+        return self.validate(Arch.from_dict(data))
+
+    # ---- sampling and variation --------------------------------------------------------------------
+    def _make(self, resolution: int, genes: Sequence[Sequence[tuple[int, int, float]]]) -> Arch:
+        """Build an arch from padded per-stage genes: (depth, [(kernel, expand)] * max_depth)."""
+        depths, kernels, expands = [], [], []
+        for depth, blocks in genes:  # type: ignore[misc]
+            depths.append(depth)
+            for kernel, expand in blocks[:depth]:
+                kernels.append(kernel)
+                expands.append(expand)
+        return Arch(self.name, resolution, tuple(depths), tuple(kernels), tuple(expands))
+
+    def _genes(self, arch: Arch, rng: np.random.Generator) -> list[tuple[int, list[tuple[int, float]]]]:
+        """Padded genes of `arch`; inactive slots get random choices (they do not affect the net)."""
+        genes = []
+        for depth, sl in zip(arch.depths, arch.stage_slices(), strict=True):
+            blocks = list(zip(arch.kernels[sl], arch.expands[sl], strict=True))
+            while len(blocks) < self.max_depth:
+                blocks.append(self._random_block(rng))
+            genes.append((depth, blocks))
+        return genes
+
+    def _random_block(self, rng: np.random.Generator) -> tuple[int, float]:
+        return (self.kernel_choices[rng.integers(len(self.kernel_choices))],
+                self.expand_choices[rng.integers(len(self.expand_choices))])
+
+    def _mutate_block(self, block: tuple[int, float], rng: np.random.Generator, prob: float) -> tuple[int, float]:
+        kernel, expand = block
+        if rng.random() < prob:
+            kernel = self.kernel_choices[rng.integers(len(self.kernel_choices))]
+        if rng.random() < prob:
+            expand = self.expand_choices[rng.integers(len(self.expand_choices))]
+        return kernel, expand
+
+    def sample(self, rng: RngLike = None) -> Arch:
+        """Each choice uniformly and independently, as Once-for-All samples subnets."""
+        rng = as_rng(rng)
+        resolution = self.resolution_choices[rng.integers(len(self.resolution_choices))]
+        genes = []
+        for _ in self.stages:
+            depth = self.depth_choices[rng.integers(len(self.depth_choices))]
+            genes.append((depth, [self._random_block(rng) for _ in range(self.max_depth)]))
+        return self._make(resolution, genes)
+
+    def mutate(self, arch: Arch, rng: RngLike = None, prob: float = 0.1) -> Arch:
+        """Resample each choice with probability `prob`; always returns a different arch."""
+        rng = as_rng(rng)
+        self.validate(arch)
+        for _ in range(100):
+            resolution = arch.resolution
+            if rng.random() < prob:
+                resolution = self.resolution_choices[rng.integers(len(self.resolution_choices))]
+            genes = []
+            for depth, blocks in self._genes(arch, rng):
+                if rng.random() < prob:
+                    depth = self.depth_choices[rng.integers(len(self.depth_choices))]
+                blocks = [self._mutate_block(block, rng, prob) for block in blocks]
+                genes.append((depth, blocks))
+            child = self._make(resolution, genes)
+            if child != arch:
+                return child
+            prob = min(1.0, prob * 2)
+        return self.sample(rng)
+
+    def crossover(self, a: Arch, b: Arch, rng: RngLike = None) -> Arch:
+        """Each choice from either parent with equal probability (uniform crossover)."""
+        rng = as_rng(rng)
+        self.validate(a)
+        self.validate(b)
+        resolution = a.resolution if rng.random() < 0.5 else b.resolution
+        genes = []
+        for (da, ba), (db, bb) in zip(self._genes(a, rng), self._genes(b, rng), strict=True):
+            depth = da if rng.random() < 0.5 else db
+            blocks = [(x if rng.random() < 0.5 else y) for x, y in zip(ba, bb, strict=True)]
+            genes.append((depth, blocks))
+        return self._make(resolution, genes)
+
+    def smallest(self) -> Arch:
+        return self._uniform(min(self.resolution_choices), min(self.depth_choices),
+                             min(self.kernel_choices), min(self.expand_choices))
+
+    def largest(self) -> Arch:
+        return self._uniform(max(self.resolution_choices), max(self.depth_choices),
+                             max(self.kernel_choices), max(self.expand_choices))
+
+    def _uniform(self, resolution: int, depth: int, kernel: int, expand: float) -> Arch:
+        n = depth * self.num_stages
+        return Arch(self.name, resolution, (depth,) * self.num_stages, (kernel,) * n, (expand,) * n)
+
+    def iter_stage_blocks(self, arch: Arch) -> Iterator[tuple[int, int, int, float]]:
+        """(stage, index, kernel, expand) for each active block."""
+        for stage, sl in enumerate(arch.stage_slices()):
+            for index, (kernel, expand) in enumerate(zip(arch.kernels[sl], arch.expands[sl], strict=True)):
+                yield stage, index, kernel, expand
+
+    # ---- features and size ---------------------------------------------------------------------------
+    @property
+    def encoding_size(self) -> int:
+        per_slot = len(self.kernel_choices) + len(self.expand_choices)
+        return (len(self.resolution_choices) + self.num_stages * len(self.depth_choices)
+                + self.num_stages * self.max_depth * per_slot)
+
+    def encode(self, arch: Arch) -> np.ndarray:
+        """One-hot features (resolution, depth per stage, kernel and expand per slot; 0 if inactive)."""
+        self.validate(arch)
+        vec = np.zeros(self.encoding_size, dtype=np.float32)
+        pos = 0
+        vec[pos + self.resolution_choices.index(arch.resolution)] = 1
+        pos += len(self.resolution_choices)
+        for depth in arch.depths:
+            vec[pos + self.depth_choices.index(depth)] = 1
+            pos += len(self.depth_choices)
+        nk, ne = len(self.kernel_choices), len(self.expand_choices)
+        for stage, index, kernel, expand in self.iter_stage_blocks(arch):
+            slot = pos + (stage * self.max_depth + index) * (nk + ne)
+            vec[slot + self.kernel_choices.index(kernel)] = 1
+            vec[slot + nk + self.expand_choices.index(expand)] = 1
+        return vec
+
+    def size(self) -> int:
+        """The number of distinct subnets (distinct networks, not distinct gene strings)."""
+        per_block = len(self.kernel_choices) * len(self.expand_choices)
+        per_stage = sum(per_block**d for d in self.depth_choices)
+        return len(self.resolution_choices) * per_stage**self.num_stages
