@@ -1,0 +1,1 @@
+"""Latency: device profiles, backends, fingerprints, profiler, lookup tables, validation."""

@@ -1,0 +1,1 @@
+"""Searchers under a latency budget, evaluators and Pareto tools."""

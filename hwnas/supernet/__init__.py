@@ -1,0 +1,1 @@
+"""The weight-sharing supernet: dynamic ops, the model, BN recalibration."""
