@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,7 @@ class Arch:
     resolution: int
     depths: tuple[int, ...]
     kernels: tuple[int, ...]
-    expands: tuple[int, ...]
+    expands: tuple[float, ...]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
@@ -94,6 +95,30 @@ class Arch:
         except json.JSONDecodeError as exc:
             raise ArchError(f"arch is not valid JSON: {exc}") from None
         return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Arch:
+        """Read an arch from a JSON file: a bare arch, or an object holding one under "arch" (best.json)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ArchError(f"{path}: no such arch file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArchError(f"{path}: not a JSON arch file ({exc})") from None
+        if isinstance(data, Mapping) and "arch" in data and isinstance(data["arch"], Mapping):
+            data = data["arch"]
+        try:
+            return cls.from_dict(data)
+        except ArchError as exc:
+            raise ArchError(f"{path}: {exc}") from None
+
+    @classmethod
+    def parse(cls, text_or_path: str) -> Arch:
+        """An arch given on a command line: inline JSON, or the path of a JSON file."""
+        if text_or_path.lstrip().startswith("{"):
+            return cls.from_json(text_or_path)
+        return cls.from_file(text_or_path)
 
     @property
     def arch_id(self) -> str:
@@ -309,10 +334,10 @@ class SearchSpace:
         return self.validate(Arch.from_dict(data))
 
     # ---- sampling and variation --------------------------------------------------------------------
-    def _make(self, resolution: int, genes: Sequence[Sequence[tuple[int, int, float]]]) -> Arch:
+    def _make(self, resolution: int, genes: Sequence[tuple[int, Sequence[tuple[int, float]]]]) -> Arch:
         """Build an arch from padded per-stage genes: (depth, [(kernel, expand)] * max_depth)."""
         depths, kernels, expands = [], [], []
-        for depth, blocks in genes:  # type: ignore[misc]
+        for depth, blocks in genes:
             depths.append(depth)
             for kernel, expand in blocks[:depth]:
                 kernels.append(kernel)
@@ -368,7 +393,7 @@ class SearchSpace:
             child = self._make(resolution, genes)
             if child != arch:
                 return child
-            prob = min(1.0, prob * 2)
+            prob = min(1.0, max(prob, 0.05) * 2)
         return self.sample(rng)
 
     def crossover(self, a: Arch, b: Arch, rng: RngLike = None) -> Arch:
