@@ -1,0 +1,546 @@
+"""Datasets by name, the train / validation / test splits, and batching fast enough for a 2-core CPU.
+
+`load_dataset("fashion-mnist")` reads Debian's files; `fashion-mnist:DIR`, `cifar10:DIR` and
+`imagefolder:DIR[?size=N]` read a directory. The validation split is carved from the training set
+with a seed, so a search can rank subnets without ever touching the test split.
+
+Batching does not use a DataLoader: fashion-mnist and CIFAR-10 are small enough to hold as one
+uint8 tensor, and a whole batch is gathered, augmented, resized and normalised with a handful of
+tensor operations. Worker processes would cost more than that on a 2-core machine, and the bytes
+(not floats) are what travels to a GPU.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import pickle
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hwnas.errors import DataError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+# (name of the split's file, number of dimensions of its idx array)
+IDX_FILES = {
+    "train_images": ("train-images-idx3-ubyte", 3),
+    "train_labels": ("train-labels-idx1-ubyte", 1),
+    "test_images": ("t10k-images-idx3-ubyte", 3),
+    "test_labels": ("t10k-labels-idx1-ubyte", 1),
+}
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                 "test_batch", "batches.meta")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGEFOLDER_DEFAULT_SIZE = 224
+# ImageNet statistics: an image folder is not decoded in full to measure its own.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# In-memory splits up to this size are copied to an accelerator once and batched there.
+DEVICE_CACHE_BYTES = 2 << 30
+
+
+# ---- splits --------------------------------------------------------------------------------------------
+class Split:
+    """Labelled images that batch themselves; subclasses only say how to fetch uint8 images.
+
+    Every batch is made the same way whatever the storage: indices (shuffled with a seeded
+    `torch.Generator`) -> uint8 images on `device` -> augmentation -> float32 -> resize ->
+    normalisation. All random numbers come from that one generator on the CPU, so a seed gives the
+    same batches on every device.
+    """
+
+    def __init__(self, labels: torch.Tensor, *, native_resolution: int, mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        self.labels = labels.to(torch.int64)
+        self.native_resolution = int(native_resolution)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.mean)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __repr__(self) -> str:
+        r = self.native_resolution
+        return f"{type(self).__name__}(n={len(self)}, shape={self.in_channels}x{r}x{r})"
+
+    # -- for subclasses --
+    def select(self, index: torch.Tensor | Sequence[int]) -> Split:
+        """A split of the same storage holding only the rows `index` (no copy of files, a copy of rows)."""
+        raise NotImplementedError
+
+    def _fetch(self, chunks: Sequence[torch.Tensor], device: torch.device
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (uint8 images (B, C, H, W), int64 labels) on `device`, one pair per chunk of indices."""
+        raise NotImplementedError
+
+    # -- shared --
+    def subset(self, n: int, seed: int = 0) -> Split:
+        """At most `n` rows drawn without replacement: a few batches for BN recalibration, a quick check."""
+        n = min(int(n), len(self))
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.randperm(len(self), generator=generator)[:n].sort().values
+        return self.select(index)
+
+    def num_batches(self, batch_size: int, *, drop_last: bool = False, max_batches: int | None = None) -> int:
+        """How many batches `batches` yields with these arguments, for progress bars and LR schedules."""
+        count = len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
+        return count if max_batches is None else min(count, max_batches)
+
+    def batches(self, batch_size: int, *, resolution: int | None = None, shuffle: bool = False, seed: int = 0,
+                augment: bool = False, drop_last: bool = False, device: str | torch.device = "cpu",
+                max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (normalised float32 images (B, C, r, r), int64 labels (B,)) on `device`.
+
+        Pass a different `seed` each epoch to get a different order and different augmentations;
+        the same seed repeats them exactly. `augment` is a random crop with zero padding (4 px per
+        32 px of the native size) and a horizontal flip, applied at the native size before resizing.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        device = torch.device(device)
+        resolution = self.native_resolution if resolution is None else int(resolution)
+        generator = torch.Generator().manual_seed(seed)
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if drop_last else n
+        chunks = [order[start:start + batch_size] for start in range(0, stop, batch_size)]
+        if max_batches is not None:
+            chunks = chunks[:max(0, max_batches)]
+        shape = (1, self.in_channels, 1, 1)
+        shift = torch.tensor(self.mean, device=device).mul_(255).view(shape)
+        scale = torch.tensor(self.std, device=device).mul_(255).reciprocal_().view(shape)
+        for images, labels in self._fetch(chunks, device):
+            if augment:
+                images = _crop_and_flip(images, generator)
+            x = images.to(torch.float32)
+            if resolution != x.shape[-1]:
+                x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                                  antialias=True)
+            yield x.sub_(shift).mul_(scale), labels
+
+
+def _crop_and_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop from a zero-padded batch and random horizontal flip, as one gather on the batch."""
+    b, c, h, w = images.shape
+    pad = max(1, round(4 * h / 32))
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator)
+    flip = torch.rand(b, 1, generator=generator) < 0.5
+    cols = torch.arange(w)
+    cols = dx + torch.where(flip, cols.flip(0), cols)
+    rows = dy + torch.arange(h)
+    device = images.device
+    rows, cols = rows.to(device), cols.to(device)
+    batch = torch.arange(b, device=device).view(b, 1, 1, 1)
+    channel = torch.arange(c, device=device).view(1, c, 1, 1)
+    return padded[batch, channel, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
+class TensorSplit(Split):
+    """A split held in memory as one uint8 tensor (N, C, H, W): fashion-mnist and CIFAR-10.
+
+    On an accelerator the whole tensor is copied once (when under `DEVICE_CACHE_BYTES`) and batches
+    are gathered there, so training ships no bytes per step.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != images.shape[-2]:
+            raise ValueError(f"images must be uint8 (N, C, H, H), got {images.dtype} {tuple(images.shape)}")
+        if images.shape[0] != labels.shape[0] or images.shape[1] != len(mean):
+            raise ValueError(f"{tuple(images.shape)} images, {tuple(labels.shape)} labels, {len(mean)} channels")
+        super().__init__(labels, native_resolution=images.shape[-1], mean=mean, std=std)
+        self.images = images
+        self._cache: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> TensorSplit:
+        index = torch.as_tensor(index, dtype=torch.int64)
+        return TensorSplit(self.images[index], self.labels[index], mean=self.mean, std=self.std)
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._cache is not None and self._cache[0] == device:
+            return self._cache[1], self._cache[2]
+        if self.images.nbytes > DEVICE_CACHE_BYTES:
+            return None
+        images, labels = self.images.to(device), self.labels.to(device)
+        self._cache = (device, images, labels)
+        return images, labels
+
+    def _fetch(self, chunks: Sequence[torch.Tensor], device: torch.device
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if device.type == "cpu":
+            for index in chunks:
+                yield self.images[index], self.labels[index]
+            return
+        cached = self._on(device)
+        for index in chunks:
+            if cached is not None:
+                index = index.to(cached[0].device)
+                yield cached[0][index], cached[1][index]
+            else:
+                images = self.images[index]
+                if device.type == "cuda":
+                    images = images.pin_memory()
+                yield images.to(device, non_blocking=True), self.labels[index].to(device)
+
+
+class ImageFolderSplit(Split):
+    """A split read from image files on demand, each resized (shorter side) and centre-cropped to `size`.
+
+    Decoding runs on a few threads (Pillow releases the GIL while decoding and resizing), one batch
+    ahead of the consumer. A file that cannot be decoded raises `DataError` when its batch is made.
+    """
+
+    def __init__(self, paths: Sequence[Path], labels: torch.Tensor, *, size: int,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 workers: int | None = None) -> None:
+        if len(paths) != labels.shape[0]:
+            raise ValueError(f"{len(paths)} paths, {labels.shape[0]} labels")
+        super().__init__(labels, native_resolution=size, mean=mean, std=std)
+        self.paths = list(paths)
+        self.size = int(size)
+        self.workers = workers or min(8, os.cpu_count() or 1)
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> ImageFolderSplit:
+        index = torch.as_tensor(index, dtype=torch.int64)
+        return ImageFolderSplit([self.paths[i] for i in index.tolist()], self.labels[index], size=self.size,
+                                mean=self.mean, std=self.std, workers=self.workers)
+
+    def read(self, i: int) -> np.ndarray:
+        """Image `i` as uint8 (size, size, 3); the same transform for training and evaluation."""
+        from PIL import Image, ImageOps, UnidentifiedImageError
+
+        path = self.paths[i]
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (self.size, self.size))  # JPEG: let the decoder downscale
+                image = ImageOps.fit(image.convert("RGB"), (self.size, self.size), Image.Resampling.BILINEAR)
+                return np.asarray(image, dtype=np.uint8)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            raise DataError(f"{path}: cannot decode image ({exc})") from None
+
+    def _fetch(self, chunks: Sequence[torch.Tensor], device: torch.device
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hwnas-data")
+
+        def submit(index: torch.Tensor) -> list[Future[np.ndarray]]:
+            return [pool.submit(self.read, i) for i in index.tolist()]
+
+        try:
+            pending = submit(chunks[0]) if chunks else []
+            for k, index in enumerate(chunks):
+                arrays = [f.result() for f in pending]
+                pending = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
+                images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+                if device.type == "cuda":
+                    images = images.pin_memory()
+                yield images.to(device, non_blocking=True), self.labels[index].to(device)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---- datasets --------------------------------------------------------------------------------------------
+@dataclass
+class Dataset:
+    """A dataset with its three splits and the constants a model and an exporter need.
+
+    `mean` and `std` are per channel on the [0, 1] scale: the normalisation `batches` applies and
+    an exported model's input expects.
+    """
+
+    name: str
+    in_channels: int
+    num_classes: int
+    native_resolution: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: Split
+    val: Split
+    test: Split
+    classes: tuple[str, ...] = field(default=())
+    spec: str = ""
+
+
+Loader = Callable[[str, int | float, int], Dataset]
+
+
+def dataset_names() -> list[str]:
+    """The names `load_dataset` accepts before the colon."""
+    return sorted(_LOADERS)
+
+
+def load_dataset(spec: str = "fashion-mnist", *, val_size: int | float = 5000, seed: int = 0) -> Dataset:
+    """Load a dataset by spec: `fashion-mnist`, `fashion-mnist:DIR`, `cifar10:DIR`, `imagefolder:DIR[?size=N]`.
+
+    `val_size` images of the training set (an int: a count; a float: a fraction) become the
+    validation split, drawn at random with `seed`; the rest is the training split. The same seed
+    gives the same split, and the two never share an image. `imagefolder` with both DIR/val and
+    DIR/test uses DIR/val as given and ignores `val_size`.
+    """
+    name, _, arg = spec.partition(":")
+    name = name.strip().lower()
+    if name not in _LOADERS:
+        raise DataError(f"unknown dataset '{name}' in '{spec}'; known: {', '.join(dataset_names())}")
+    dataset = _LOADERS[name](arg, val_size, seed)
+    dataset.spec = spec
+    return dataset
+
+
+def _val_count(val_size: int | float, total: int, where: object) -> int:
+    if isinstance(val_size, bool) or not isinstance(val_size, int | float):
+        raise DataError(f"val_size must be an int (count) or a float (fraction), got {val_size!r}")
+    if isinstance(val_size, float):
+        if not 0.0 <= val_size < 1.0:
+            raise DataError(f"val_size as a fraction must be in [0, 1), got {val_size}")
+        return min(round(val_size * total), max(total - 1, 0))
+    if not 0 <= val_size < total:
+        raise DataError(f"{where}: val_size {val_size} must be in [0, {total - 1}]: the training set has {total} "
+                        f"images (pass a smaller count or a fraction such as 0.1)")
+    return val_size
+
+
+def _carve(split: Split, val_size: int | float, seed: int, where: object) -> tuple[Split, Split]:
+    """Split off a seeded random validation set; both keep the original order of their rows."""
+    k = _val_count(val_size, len(split), where)
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    return split.select(order[k:].sort().values), split.select(order[:k].sort().values)
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std on the [0, 1] scale, in float64 chunks to keep memory flat."""
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    squares = torch.zeros(c, dtype=torch.float64)
+    for chunk in images.split(4096):
+        x = chunk.to(torch.float64).transpose(0, 1).reshape(c, -1)
+        total += x.sum(1)
+        squares += (x * x).sum(1)
+    count = images.numel() / c
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(1e-12).sqrt()
+    return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
+
+
+def _in_memory(name: str, classes: Sequence[str], train_images: torch.Tensor, train_labels: torch.Tensor,
+               test_images: torch.Tensor, test_labels: torch.Tensor, val_size: int | float, seed: int,
+               where: object) -> Dataset:
+    mean, std = _channel_stats(train_images)  # the whole training set: independent of the val seed
+    full = TensorSplit(train_images, train_labels, mean=mean, std=std)
+    train, val = _carve(full, val_size, seed, where)
+    test = TensorSplit(test_images, test_labels, mean=mean, std=std)
+    return Dataset(name=name, in_channels=train_images.shape[1], num_classes=len(classes),
+                   native_resolution=train_images.shape[-1], mean=mean, std=std, train=train, val=val, test=test,
+                   classes=tuple(classes))
+
+
+def _directory(arg: str, name: str, expected: str) -> Path:
+    if not arg:
+        raise DataError(f"{name} needs a directory: '{name}:DIR' ({expected})")
+    path = Path(arg).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{path}: no such directory (expected {expected})")
+    return path
+
+
+# ---- fashion-mnist ---------------------------------------------------------------------------------------
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an idx file of unsigned bytes (gzipped or not), checking its magic number and size."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: truncated or corrupt gzip file ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    magic = bytes([0, 0, 0x08, ndim])
+    header = 4 + 4 * ndim
+    if len(data) < header or data[:4] != magic:
+        raise DataError(f"{path}: not an idx file of {ndim}-d unsigned bytes "
+                        f"(expected magic 0x{magic.hex()}, got 0x{data[:4].hex() or 'empty'})")
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    expected = math.prod(shape)
+    if len(data) - header != expected:
+        raise DataError(f"{path}: header says shape {shape} ({expected} bytes of data), "
+                        f"file has {len(data) - header}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    dotted = stem.replace("-idx", ".idx")  # some mirrors name them train-images.idx3-ubyte
+    for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    raise DataError(f"{directory}: missing {stem}[.gz] (expected the four Fashion-MNIST idx files: "
+                    f"{', '.join(s for s, _ in IDX_FILES.values())}, gzipped or not)")
+
+
+def _load_fashion_mnist(arg: str, val_size: int | float, seed: int) -> Dataset:
+    expected = "the four Fashion-MNIST idx files, gzipped or not"
+    if not arg and not FASHION_MNIST_DIR.is_dir():
+        raise DataError(f"{FASHION_MNIST_DIR}: no such directory (install Debian's dataset-fashion-mnist, "
+                        f"or pass 'fashion-mnist:DIR' with {expected})")
+    directory = _directory(arg, "fashion-mnist", expected) if arg else FASHION_MNIST_DIR
+    paths = {key: _find_idx(directory, stem) for key, (stem, _) in IDX_FILES.items()}
+    arrays = {key: read_idx(paths[key], ndim) for key, (_, ndim) in IDX_FILES.items()}
+    for part in ("train", "test"):
+        images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(f"{paths[part + '_labels']}: {labels.shape[0]} labels for "
+                            f"{images.shape[0]} images in {paths[part + '_images'].name}")
+        if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise DataError(f"{paths[part + '_labels']}: label {labels.max()} out of range "
+                            f"(expected 0..{len(FASHION_MNIST_CLASSES) - 1})")
+    sizes = {arrays[k].shape[1:] for k in ("train_images", "test_images")}
+    if len(sizes) != 1 or any(h != w for h, w in sizes):
+        raise DataError(f"{directory}: expected square images of one size in both splits, got {sorted(sizes)}")
+
+    def images(key: str) -> torch.Tensor:
+        return torch.from_numpy(arrays[key].copy()).unsqueeze(1)
+
+    def labels(key: str) -> torch.Tensor:
+        return torch.from_numpy(arrays[key].astype(np.int64))
+
+    return _in_memory("fashion-mnist", FASHION_MNIST_CLASSES, images("train_images"), labels("train_labels"),
+                      images("test_images"), labels("test_labels"), val_size, seed, directory)
+
+
+# ---- cifar10 -----------------------------------------------------------------------------------------------
+def _load_cifar10(arg: str, val_size: int | float, seed: int) -> Dataset:
+    """CIFAR-10's python batches through torchvision, without its md5 check.
+
+    The md5 check would hash 170 MB on every load and refuses any re-packed or reduced copy; the
+    shapes and labels are checked here instead. The batches are pickles: load only trusted files.
+    """
+    expected = f"CIFAR-10 python batches ({', '.join(CIFAR10_FILES)}) in DIR or DIR/{CIFAR10_FOLDER}"
+    directory = _directory(arg, "cifar10", expected)
+    folder = directory / CIFAR10_FOLDER
+    if not folder.is_dir():
+        folder = directory
+    missing = [name for name in CIFAR10_FILES if not (folder / name).is_file()]
+    if len(missing) == len(CIFAR10_FILES):
+        raise DataError(f"{directory}: no CIFAR-10 batches found (expected {expected})")
+    if missing:
+        raise DataError(f"{folder}: missing {', '.join(missing)} (expected {expected})")
+
+    from torchvision.datasets import CIFAR10
+
+    class _Unchecked(CIFAR10):
+        train_list = [[name, None] for name, _ in CIFAR10.train_list]
+        test_list = [[name, None] for name, _ in CIFAR10.test_list]
+        meta = {**CIFAR10.meta, "md5": None}
+
+        def __init__(self, train: bool) -> None:
+            self.base_folder = folder.name  # the batches folder may have any name
+            super().__init__(str(folder.parent), train=train, download=False)
+
+    parts = {}
+    for train in (True, False):
+        try:
+            data = _Unchecked(train)
+            images = np.asarray(data.data, dtype=np.uint8)
+            labels = np.asarray(data.targets, dtype=np.int64)
+            classes = tuple(str(c) for c in data.classes)
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, OSError, RuntimeError) as exc:
+            raise DataError(f"{folder}: not valid CIFAR-10 python batches ({type(exc).__name__}: {exc})") from None
+        if images.shape[1:] != (32, 32, 3) or images.shape[0] != labels.shape[0]:
+            raise DataError(f"{folder}: expected 32x32x3 images with one label each, got {images.shape} images "
+                            f"and {labels.shape[0]} labels")
+        if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise DataError(f"{folder}: labels must be in 0..{len(classes) - 1} ({len(classes)} classes in "
+                            f"batches.meta), got {labels.min()}..{labels.max()}")
+        parts[train] = (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels))
+    return _in_memory("cifar10", classes, *parts[True], *parts[False], val_size, seed, folder)
+
+
+# ---- imagefolder -------------------------------------------------------------------------------------------
+def _parse_options(arg: str) -> tuple[str, int]:
+    path, _, query = arg.partition("?")
+    size = IMAGEFOLDER_DEFAULT_SIZE
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if key != "size":
+            raise DataError(f"imagefolder:{arg}: unknown option '{key}' (known: size)")
+        try:
+            size = int(value)
+        except ValueError:
+            size = 0
+        if size < 1:
+            raise DataError(f"imagefolder:{arg}: size must be a positive integer, got '{value}'")
+    return path, size
+
+
+def _scan(root: Path, classes: Sequence[str] | None) -> tuple[list[str], list[Path], list[int]]:
+    """Class folders of `root` and their images; `classes` (from train) fixes the label of each name."""
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise DataError(f"{root}: no class folders (expected {root}/<class>/*.jpg|png)")
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{root}: class folder(s) {', '.join(unknown)} not in the training set's classes")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        if name not in found:
+            continue
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise DataError(f"{root / name}: no images (expected {', '.join(IMAGE_EXTENSIONS)} files)")
+        paths += files
+        labels += [label] * len(files)
+    return list(classes), paths, labels
+
+
+def _load_imagefolder(arg: str, val_size: int | float, seed: int) -> Dataset:
+    """DIR/train/<class>/* and a test split from DIR/test (or DIR/val when there is no DIR/test).
+
+    Images are decoded as RGB, resized on the shorter side and centre-cropped to `?size=N`
+    (default 224), and normalised with ImageNet's statistics.
+    """
+    path, size = _parse_options(arg)
+    expected = "DIR/train/<class>/*.jpg|png and DIR/val/<class>/... or DIR/test/<class>/..."
+    directory = _directory(path, "imagefolder", expected)
+    if not (directory / "train").is_dir():
+        raise DataError(f"{directory}: no train folder (expected {expected})")
+    classes, paths, labels = _scan(directory / "train", None)
+
+    def split(ps: list[Path], ls: list[int]) -> ImageFolderSplit:
+        return ImageFolderSplit(ps, torch.tensor(ls, dtype=torch.int64), size=size)
+
+    held_out = [directory / d for d in ("val", "test") if (directory / d).is_dir()]
+    if not held_out:
+        raise DataError(f"{directory}: no val or test folder (expected {expected})")
+    test = split(*_scan(held_out[-1], classes)[1:])
+    if len(held_out) == 2:
+        train, val = split(paths, labels), split(*_scan(held_out[0], classes)[1:])
+    else:
+        train, val = _carve(split(paths, labels), val_size, seed, directory / "train")
+    return Dataset(name="imagefolder", in_channels=3, num_classes=len(classes), native_resolution=size,
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD, train=train, val=val, test=test, classes=tuple(classes))
+
+
+_LOADERS: dict[str, Loader] = {
+    "fashion-mnist": _load_fashion_mnist,
+    "cifar10": _load_cifar10,
+    "imagefolder": _load_imagefolder,
+}
