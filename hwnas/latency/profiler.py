@@ -1,0 +1,242 @@
+"""The profiler: time every unique block of a space on a backend and write the latency table.
+
+Rows are written as they are measured (CSV rewritten atomically after each chunk), so a killed run
+loses at most the chunk in flight and `resume` carries on where it stopped. Blocks are timed in
+interleaved rounds: a burst of load from another process lands on one round of a few blocks, and
+keeping the quietest round drops it, where a single long run would carry it into the table. Whole
+subnets (for the calibration, and in validation) are timed the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hwnas.blocks import build_block, build_network
+from hwnas.errors import LatencyTableError
+from hwnas.latency.table import LatencyTable, atomic_write_text
+from hwnas.space import Arch, BlockSpec, SearchSpace
+
+CHUNK = 8  # blocks timed together in interleaved rounds, and written together
+CALIBRATION_COLUMNS = ("arch_id", "arch", "raw_ms", "median_ms", "p10_ms", "p90_ms", "mean_ms", "min_ms", "n")
+
+
+def table_path(out_dir: str | Path, space: SearchSpace, profile: Any, slug: str) -> Path:
+    """`<out_dir>/<space>/<device-slug>__<profile>.csv`: one file per (space, device, profile)."""
+    return Path(out_dir) / space.name / f"{slug}__{profile.name}.csv"
+
+
+def calibration_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".csv") + ".calibration.csv")
+
+
+def resolve_profile(profile: Any) -> Any:
+    """Accept a `DeviceProfile`, a profile name or a TOML path."""
+    from hwnas.latency.profiles import DeviceProfile, load_profile
+
+    return profile if isinstance(profile, DeviceProfile) else load_profile(profile)
+
+
+def combine_timings(timings: Sequence[Any], statistic: str = "median") -> Any:
+    """One `Timing` from several rounds: the round whose `statistic` is lowest, with all samples counted.
+
+    Load from other processes only ever adds time, so the least disturbed round is the best estimate
+    of what the device itself takes; on a quiet machine the rounds agree and this is their median.
+    """
+    from hwnas.latency.backends import Timing
+
+    if len(timings) == 1:
+        return timings[0]
+    best = min(timings, key=lambda t: t.value(statistic))
+    return Timing(median_ms=best.median_ms, p10_ms=best.p10_ms, p90_ms=best.p90_ms, mean_ms=best.mean_ms,
+                  n=int(sum(t.n for t in timings)), min_ms=float(min(t.min_ms for t in timings)))
+
+
+def time_interleaved(backend: Any, items: Sequence[tuple[Any, tuple[int, int, int]]], rounds: int,
+                     statistic: str = "median") -> list[Any]:
+    """Time several modules in `rounds` round-robin passes and combine each one's rounds."""
+    per_item: list[list[Any]] = [[] for _ in items]
+    for _ in range(max(1, rounds)):
+        for i, (module, shape) in enumerate(items):
+            per_item[i].append(backend.time_module(module, shape))
+    return [combine_timings(t, statistic) for t in per_item]
+
+
+def block_input_shape(spec: BlockSpec) -> tuple[int, int, int]:
+    return (spec.cin, spec.in_size, spec.in_size)
+
+
+def calibration_archs(space: SearchSpace, n: int, seed: int, exclude: set[str] | None = None) -> list[Arch]:
+    """`n` distinct random subnets; the same list for the same seed, so a resumed run finds its own."""
+    rng = np.random.default_rng(seed)
+    exclude = exclude or set()
+    archs: list[Arch] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(archs) < n and attempts < 100 * max(n, 1):
+        attempts += 1
+        arch = space.sample(rng)
+        if arch.arch_id in seen or arch.arch_id in exclude:
+            continue
+        seen.add(arch.arch_id)
+        archs.append(arch)
+    return archs
+
+
+def measure_subnets(space: SearchSpace, archs: Sequence[Arch], backend: Any, *, rounds: int = 3,
+                    statistic: str = "median", chunk: int = CHUNK,
+                    on_chunk: Callable[[list[tuple[Arch, Any]]], None] | None = None,
+                    progress: bool = False, desc: str = "subnets") -> list[tuple[Arch, Any]]:
+    """Time whole subnets end to end (fresh weights: latency does not depend on their values)."""
+    from tqdm import tqdm
+
+    results: list[tuple[Arch, Any]] = []
+    bar = tqdm(total=len(archs), desc=desc, unit="net", disable=not progress, file=sys.stderr)
+    try:
+        for start in range(0, len(archs), chunk):
+            group = archs[start:start + chunk]
+            items = [(build_network(space.blocks(a), space.se_ratio).eval(), space.input_shape(a)) for a in group]
+            timings = time_interleaved(backend, items, rounds, statistic)
+            done = list(zip(group, timings, strict=True))
+            results += done
+            if on_chunk is not None:
+                on_chunk(done)
+            bar.update(len(group))
+    finally:
+        bar.close()
+    return results
+
+
+def _read_calibration(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        return pd.DataFrame(columns=list(CALIBRATION_COLUMNS))
+    try:
+        rows = pd.read_csv(path, dtype={"arch_id": str, "arch": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise LatencyTableError(f"{path}: not a readable CSV ({exc}); delete it to measure again") from None
+    for column in CALIBRATION_COLUMNS:
+        if column not in rows.columns:
+            raise LatencyTableError(f"{path}: missing column '{column}'; delete it to measure again")
+    return rows
+
+
+def _start_table(path: Path, space: SearchSpace, profile: Any, fp: dict[str, Any], slug: str,
+                 resume: bool) -> LatencyTable:
+    cal_path = calibration_path(path)
+    if resume and path.is_file():
+        table = LatencyTable.load(path)
+        identity, soft = table.target_differences(space, profile, fp)
+        if identity:
+            raise LatencyTableError(f"{path}: cannot resume a table measured for another target "
+                                    f"({'; '.join(identity)}); start over with --no-resume (resume=False), "
+                                    "or write elsewhere with --out")
+        for diff in soft:
+            warnings.warn(f"{path}: resuming a table measured with a difference: {diff}", stacklevel=3)
+        return table
+    cal_path.unlink(missing_ok=True)
+    table = LatencyTable.new(space, profile, fp, slug)
+    table.save(path)  # metadata with the fingerprint goes down before the first row
+    return table
+
+
+def profile_space(space: SearchSpace, profile: Any, out_dir: str | Path = "latency_tables", *, resume: bool = True,
+                  calibration_subnets: int = 30, seed: int = 0, progress: bool = True, rounds: int = 3,
+                  backend: Any = None, on_row: Callable[[BlockSpec, Any], None] | None = None) -> Path:
+    """Measure every block of `space` (stem and head included) and calibrate on whole subnets.
+
+    Returns the CSV path. `rounds` interleaved passes per block (see the module docstring); `on_row`
+    is called after each block's row is on disk (a progress hook, also used to interrupt in tests).
+    """
+    from tqdm import tqdm
+
+    from hwnas.latency.backends import get_backend
+    from hwnas.latency.device import device_slug, fingerprint
+
+    clock = time.perf_counter()
+    profile = resolve_profile(profile)
+    backend = backend if backend is not None else get_backend(profile)
+    fp = fingerprint(profile)
+    slug = device_slug(fp)
+    path = table_path(out_dir, space, profile, slug)
+    table = _start_table(path, space, profile, fp, slug, resume)
+
+    specs = space.all_blocks()
+    todo = [spec for spec in specs if spec.key not in table]
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=f"blocks {space.name}", unit="block",
+               disable=not progress, file=sys.stderr)
+    measured_now = 0
+    try:
+        for start in range(0, len(todo), CHUNK):
+            group = todo[start:start + CHUNK]
+            items = [(build_block(spec, space.se_ratio).eval(), block_input_shape(spec)) for spec in group]
+            timings = time_interleaved(backend, items, rounds, table.statistic)
+            for spec, timing in zip(group, timings, strict=True):
+                table.record(spec, timing)
+            now = time.perf_counter()
+            _account(table, now - clock, len(group))
+            clock, measured_now = now, measured_now + len(group)
+            table.save(path)
+            bar.update(len(group))
+            if on_row is not None:
+                for spec, timing in zip(group, timings, strict=True):
+                    on_row(spec, timing)
+    finally:
+        bar.close()
+
+    cal_path = calibration_path(path)
+    if calibration_subnets > 0:
+        rows = _read_calibration(cal_path)
+        done_ids = set(rows["arch_id"])
+        archs = calibration_archs(space, calibration_subnets, seed)
+        todo_archs = [a for a in archs if a.arch_id not in done_ids]
+
+        def write(chunk: list[tuple[Arch, Any]]) -> None:
+            nonlocal rows
+            new = pd.DataFrame([_calibration_row(table, a, t) for a, t in chunk])
+            rows = new if rows.empty else pd.concat([rows, new], ignore_index=True)
+            atomic_write_text(cal_path, rows.to_csv(index=False, float_format="%.6g"))
+
+        measure_subnets(space, todo_archs, backend, rounds=rounds, statistic=table.statistic, on_chunk=write,
+                        progress=progress, desc=f"calibration {space.name}")
+        wanted = {a.arch_id: a for a in archs}
+        stat = f"{table.statistic}_ms"
+        measured = [(wanted[i], float(v)) for i, v in zip(rows["arch_id"], rows[stat], strict=True) if i in wanted]
+        table.fit_calibration(measured)
+    else:
+        cal_path.unlink(missing_ok=True)
+        table.fit_calibration([])
+    _account(table, time.perf_counter() - clock, 0)
+    table.meta["profiling"]["measured_last_run"] = measured_now
+    table.save(path)
+    if progress:
+        info = table.meta["profiling"]
+        cal = table.calibration
+        resid = cal.get("residuals", {})
+        print(f"profiled {len(specs)} blocks of {space.name} ({measured_now} measured in this run) and "
+              f"{cal.get('n_subnets', 0)} calibration subnets in {info['seconds']:.1f} s in total; "
+              f"calibration {cal['kind']}"
+              + (f", in-sample MAPE {resid['mape_pct']:.2f} %" if "mape_pct" in resid else ""),
+              file=sys.stderr)
+    return path
+
+
+def _account(table: LatencyTable, seconds: float, blocks: int) -> None:
+    """Profiling time accumulates over resumed runs, so the table says what it cost in all."""
+    info = table.meta.setdefault("profiling", {"seconds": 0.0, "blocks_measured": 0})
+    info["seconds"] = float(info.get("seconds", 0.0)) + seconds
+    info["blocks_measured"] = int(info.get("blocks_measured", 0)) + blocks
+
+
+def _calibration_row(table: LatencyTable, arch: Arch, timing: Any) -> dict[str, Any]:
+    return {"arch_id": arch.arch_id, "arch": json.dumps(arch.to_dict(), sort_keys=True),
+            "raw_ms": table.predict_raw(arch), "median_ms": timing.median_ms, "p10_ms": timing.p10_ms,
+            "p90_ms": timing.p90_ms, "mean_ms": timing.mean_ms, "min_ms": timing.min_ms, "n": timing.n}
