@@ -1,0 +1,144 @@
+"""`hwnas train`: train a weight-sharing supernet with the sandwich rule (also under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hwnas.train import TrainConfig
+
+EXAMPLE = """examples:
+  hwnas train --space mbv3-32 --data fashion-mnist --epochs 40 --out runs/fmnist
+  hwnas train --space mbv3-32 --epochs 40 --out runs/fmnist --resume          # after a kill or SIGTERM
+  hwnas train --space mbv3-32 --epochs 2 --train-subset 2048 --out runs/smoke --device cpu
+  torchrun --nproc_per_node 2 -m hwnas.cli train --space mbv3-32 --epochs 40 --out runs/ddp
+
+Writes OUT/supernet.pt (atomically, every epoch and on SIGTERM), OUT/train_log.csv (per epoch:
+loss, validation accuracy of the largest and smallest subnet after BN re-estimation, lr, images/s)
+and OUT/train_config.json. --resume continues the same trajectory; it needs the same settings.
+"""
+
+# Defaults mirror hwnas.train.TrainConfig (tests/test_train.py checks that they agree); they are
+# spelled out here so that 'hwnas --help' does not import torch.
+DEFAULTS = {
+    "epochs": 40, "batch_size": 512, "lr": 0.25, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 2e-4,
+    "warmup_epochs": 2.0, "label_smoothing": 0.1, "num_sampled": 2, "sampler": "uniform", "attentive_k": 3,
+    "kd_temperature": 1.0, "kd_weight": 1.0, "seed": 0, "log_every": 20, "bn_batches": 8,
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "train",
+        help="train a weight-sharing supernet (sandwich rule, in-place distillation, resumable, DDP under torchrun)",
+        description="Train a supernet of SPACE on DATA: each step the largest subnet learns the labels, the "
+        "smallest and N sampled subnets learn the largest's outputs; cosine LR with warm-up; bf16 autocast on "
+        "CUDA; distributed data parallel when started by torchrun (NCCL on GPUs, gloo on CPUs).",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--space", required=True, help="search space name (hwnas.spaces.names())")
+    add("--data", default="fashion-mnist",
+        help="dataset: fashion-mnist, fashion-mnist:DIR, cifar10:DIR, imagefolder:DIR (default: %(default)s)")
+    add("--out", type=Path, required=True, help="run directory, e.g. runs/NAME")
+    add("--resume", action="store_true", help="continue OUT/supernet.pt (starts fresh if there is none)")
+    add("--epochs", type=int, default=DEFAULTS["epochs"], help="(default: %(default)s)")
+    add("--batch-size", type=int, default=DEFAULTS["batch_size"],
+        help="global batch, split over torchrun's ranks (default: %(default)s)")
+    add("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (default: %(default)s)")
+    add("--optimizer", choices=("sgd", "adamw"), default=DEFAULTS["optimizer"], help="(default: %(default)s)")
+    add("--momentum", type=float, default=DEFAULTS["momentum"],
+        help="SGD momentum (Nesterov), AdamW beta1 (default: %(default)s)")
+    add("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum SGD")
+    add("--weight-decay", type=float, default=DEFAULTS["weight_decay"],
+        help="on conv and linear weights only (default: %(default)s)")
+    add("--warmup-epochs", type=float, default=DEFAULTS["warmup_epochs"], help="(default: %(default)s)")
+    add("--label-smoothing", type=float, default=DEFAULTS["label_smoothing"], help="(default: %(default)s)")
+    add("--num-sampled", type=int, default=DEFAULTS["num_sampled"],
+        help="subnets per step besides the largest and the smallest (default: %(default)s)")
+    add("--sampler", choices=("uniform", "attentive-best", "attentive-worst"), default=DEFAULTS["sampler"],
+        help="how the N subnets are drawn (default: %(default)s)")
+    add("--attentive-k", type=int, default=DEFAULTS["attentive_k"],
+        help="candidates per attentive choice (default: %(default)s)")
+    add("--kd-temperature", type=float, default=DEFAULTS["kd_temperature"], help="(default: %(default)s)")
+    add("--kd-weight", type=float, default=DEFAULTS["kd_weight"],
+        help="students: weight of distillation vs labels (default: %(default)s)")
+    add("--no-augment", dest="augment", action="store_false", help="no random crop and flip")
+    add("--grad-clip", type=float, default=None, help="max gradient norm (default: no clipping)")
+    add("--no-amp", dest="amp", action="store_false", help="no autocast on CUDA")
+    add("--amp-dtype", choices=("bf16", "fp16"), default="bf16", help="autocast dtype on CUDA (default: %(default)s)")
+    add("--no-channels-last", dest="channels_last", action="store_false", help="NCHW instead of NHWC")
+    add("--kernel-transform", action="store_true", help="OFA's learned kernel transforms")
+    add("--seed", type=int, default=DEFAULTS["seed"], help="(default: %(default)s)")
+    add("--steps-per-epoch", type=int, default=None, help="cap steps per epoch, for quick runs")
+    add("--val-size", type=int, default=5000,
+        help="training images held out as the validation split (default: %(default)s)")
+    add("--val-batches", type=int, default=None, help="cap validation batches per epoch")
+    add("--bn-batches", type=int, default=DEFAULTS["bn_batches"],
+        help="training batches that re-estimate BN before each evaluation (default: %(default)s)")
+    add("--train-subset", type=int, default=None, metavar="N", help="train on N random training images only")
+    add("--no-collapse-check", dest="collapse_check", action="store_true",
+        help="do not stop when validation accuracy collapses")
+    add("--time-budget", type=float, default=None, metavar="SECONDS",
+        help="train as many epochs (at most --epochs) as fit in SECONDS, timed on a few probe steps first, "
+             "so the schedule completes; a resumed run keeps its planned epochs")
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    add("--log-every", type=int, default=DEFAULTS["log_every"], help="steps between progress updates")
+    add("--quiet", action="store_true", help="no progress bar (epoch lines still print)")
+    parser.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig that the arguments describe."""
+    from hwnas.train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
+        nesterov=args.nesterov, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing, num_sampled=args.num_sampled, sampler=args.sampler,
+        attentive_k=args.attentive_k, kd_temperature=args.kd_temperature, kd_weight=args.kd_weight,
+        augment=args.augment, grad_clip=args.grad_clip, amp=args.amp, amp_dtype=args.amp_dtype,
+        channels_last=args.channels_last, kernel_transform=args.kernel_transform, seed=args.seed,
+        steps_per_epoch=args.steps_per_epoch, log_every=args.log_every, val_batches=args.val_batches,
+        bn_batches=args.bn_batches, collapse_drop=None if args.collapse_check else 15.0, device=args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from hwnas import spaces
+    from hwnas.data import load_dataset
+    from hwnas.train import LOG_NAME, TrainingInterrupted, train_supernet
+
+    config = config_from_args(args).check()
+    dataset = load_dataset(args.data, val_size=args.val_size, seed=0)
+    if args.train_subset is not None:
+        spec = f"{dataset.spec} (train subset {args.train_subset}, seed 0)"
+        dataset = dataclasses.replace(dataset, train=dataset.train.subset(args.train_subset, seed=0), spec=spec)
+    space = spaces.get(args.space, in_channels=dataset.in_channels, num_classes=dataset.num_classes)
+    main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        path = train_supernet(space, dataset, config, args.out, resume=args.resume, progress=not args.quiet,
+                              verbose=True, time_budget=args.time_budget)
+    except TrainingInterrupted as exc:
+        if main:
+            print(f"hwnas train: {exc}", file=sys.stderr)
+        return 143
+    if main:
+        from hwnas.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)
+        metrics = state.get("metrics", {})
+        accuracy = ""
+        if metrics:
+            accuracy = (f"; validation accuracy: largest {metrics['val_acc_largest']:.2f} %, "
+                        f"smallest {metrics['val_acc_smallest']:.2f} %")
+        epochs = state["train_config"]["epochs"]
+        print(f"wrote {path} (space {space.name}, epoch {state['epoch']}/{epochs}{accuracy})")
+        print(f"  log:    {path.parent / LOG_NAME}")
+    return 0
