@@ -1,1 +1,61 @@
-"""Searchers under a latency budget, evaluators and Pareto tools."""
+"""Searchers under a latency budget, evaluators and Pareto tools.
+
+Every searcher has one signature, `(space, evaluator, latency_model, budget_ms, *, queries, seed,
+seed_population, progress, ...) -> SearchResult`, and is found by name in `STRATEGIES`, which
+`hwnas search --strategy` dispatches on; a new strategy (e.g. a differentiable one) is one more
+entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from hwnas.errors import HwnasError
+from hwnas.search.base import (
+    AccuracyEvaluator,
+    ArchLike,
+    EncodableSpace,
+    FeasibleRange,
+    FunctionEvaluator,
+    LatencyModel,
+    SearchResult,
+    SearchSpaceLike,
+    check_budget,
+    confirm,
+    feasible_range,
+)
+from hwnas.search.evolution import evolution_search
+from hwnas.search.nsga import nsga_search
+from hwnas.search.pareto import hypervolume, non_dominated_sort, pareto_mask
+from hwnas.search.random import random_search
+
+Searcher = Callable[..., SearchResult]
+
+STRATEGIES: dict[str, Searcher] = {
+    "evolution": evolution_search,
+    "nsga": nsga_search,
+    "random": random_search,
+}
+
+
+def get_strategy(name: str) -> Searcher:
+    """The searcher registered as `name`; an unknown name is a one-line error listing the known ones."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise HwnasError(f"unknown search strategy '{name}'; known: {', '.join(sorted(STRATEGIES))}") from None
+
+
+def search(strategy: str, space: SearchSpaceLike, evaluator: AccuracyEvaluator, latency_model: LatencyModel,
+           budget_ms: float, **options: Any) -> SearchResult:
+    """Run the searcher registered as `strategy` with the common arguments and its own `options`."""
+    return get_strategy(strategy)(space, evaluator, latency_model, budget_ms, **options)
+
+
+__all__ = [
+    "STRATEGIES", "AccuracyEvaluator", "ArchLike", "EncodableSpace", "FeasibleRange", "FunctionEvaluator",
+    "LatencyModel", "SearchResult", "SearchSpaceLike", "check_budget", "confirm", "evolution_search",
+    "feasible_range", "get_strategy", "hypervolume", "non_dominated_sort", "nsga_search", "pareto_mask",
+    "random_search", "search",
+]
