@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from hwnas.errors import ArchError
 from hwnas.space import SearchSpace
-from hwnas.spaces.mbv3_224 import mbv3_224
 from hwnas.spaces.mbv3_32 import mbv3_32
+from hwnas.spaces.mbv3_224 import mbv3_224
 
 _REGISTRY: dict[str, Callable[..., SearchSpace]] = {
     "mbv3-32": mbv3_32,

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what hwnas needs on a fresh Debian machine: the Fashion-MNIST files, a virtual environment,
+# hwnas with its dev tools, and the TensorRT type stubs (alone: they pin a TensorRT wheel that only
+# NVIDIA's registry serves). Safe to run again: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${HWNAS_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "setup: installing Debian's dataset-fashion-mnist"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+stamp="$VENV/.hwnas-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing hwnas and its dependencies into $VENV (the first time takes a few minutes)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+  # torch first, pinned to the build this workplace keeps on disk; elsewhere pip resolves it as usual.
+  "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>/dev/null \
+    || "$VENV/bin/python" -m pip install -q torch torchvision
+  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  "$VENV/bin/python" -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
+  touch "$stamp"
+fi
