@@ -33,8 +33,9 @@ import pandas as pd
 
 from hwnas import spaces
 from hwnas.errors import HwnasError
+from hwnas.fileio import atomic_write_text
 from hwnas.latency.profiler import profile_space
-from hwnas.latency.table import LatencyTable, atomic_write_text
+from hwnas.latency.table import LatencyTable
 from hwnas.latency.validate import validate_table
 
 GPU_SPACES = ("mbv3-32", "mbv3-224")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hwnas.errors import CheckpointError
+from hwnas.fileio import file_mode
 from hwnas.space import SearchSpace
 
 if TYPE_CHECKING:
@@ -41,13 +42,6 @@ REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def _file_mode() -> int:
-    """The mode open() would give a new file (mkstemp makes it 0600, private to its owner)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     """Write `state` to `path` atomically: a temporary file in the same directory, fsync, then rename.
 
@@ -58,7 +52,7 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, _file_mode())
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(dict(state), f)
             f.flush()
@@ -141,18 +135,3 @@ def load_supernet(path: str | Path, *, space_name: str | None = None,
                               f"({detail[:300]})") from None
     device = torch.device(map_location) if isinstance(map_location, str) else map_location
     return net.to(device).eval(), state
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a small text file (a CSV log, a JSON config) so that readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -50,9 +50,10 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
-from hwnas.checkpoint import FORMAT, VERSION, atomic_write_text, load_checkpoint, save_checkpoint
+from hwnas.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
 from hwnas.data import Dataset, Split
 from hwnas.errors import CheckpointError, HwnasError
+from hwnas.fileio import atomic_write_text
 from hwnas.sampling import SAMPLERS, UniformSampler, make_sampler
 from hwnas.space import Arch, SearchSpace
 from hwnas.supernet import Supernet, recalibrate_bn

@@ -147,3 +147,19 @@ def test_a_min_statistic_profile_runs_end_to_end(tmp_path) -> None:
     assert (table.rows["min_ms"] <= table.rows["median_ms"]).all()
     report = validate_table(table, n=3, rounds=2)
     assert (report.rows["measured"] <= report.rows["p90"]).all() and report.statistic == "min"
+
+
+def test_no_measure_scores_what_an_interrupted_validation_left(table_path, tmp_path) -> None:
+    from hwnas.latency.backends import get_backend
+
+    table = LatencyTable.load(table_path)
+    out = tmp_path / "report"
+    with pytest.raises(LatencyTableError, match="no measurements of an earlier validation"):
+        validate_table(table, n=10, out_dir=out, measure=False)
+    with pytest.raises(KeyboardInterrupt):
+        validate_table(table, n=10, out_dir=out, rounds=1, backend=StopAfter(get_backend(table.profile), 9))
+    partial = pd.read_csv(out / PARTIAL)
+    report = validate_table(table, n=10, out_dir=out, measure=False)  # no backend is touched
+    assert len(report.rows) == len(partial) == 8 and any("scored 8 of 10" in w for w in report.warnings)
+    assert set(report.rows["arch_id"]) == set(partial["arch_id"].astype(str))
+    assert (out / "validation.json").is_file() and (out / PARTIAL).exists()  # a later run can still finish it

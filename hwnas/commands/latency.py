@@ -40,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     validate.add_argument("--out", type=Path, help="output directory (default: <table>.validation/ beside the table)")
     validate.add_argument("--allow-mismatch", action="store_true",
                           help="measure even if this device or the table's space differs from the table's")
+    validate.add_argument("--no-measure", dest="measure", action="store_false",
+                          help="measure nothing: score what an interrupted validation left in --out (on any machine)")
     validate.add_argument("--quiet", action="store_true", help="no progress bar")
     validate.set_defaults(run=run_validate)
 
@@ -54,7 +56,7 @@ def run_validate(args: argparse.Namespace) -> int:
     table = LatencyTable.load(args.table)
     out = args.out if args.out is not None else args.table.with_name(args.table.stem + ".validation")
     report = validate_table(table, n=args.n, seed=args.seed, out_dir=out, allow_mismatch=args.allow_mismatch,
-                            rounds=args.rounds, progress=not args.quiet)
+                            rounds=args.rounds, progress=not args.quiet, measure=args.measure)
     print_report(report)
     print(f"wrote {report.files['csv']}, {report.files['png']} and {report.files['json']}")
     return 0

@@ -22,7 +22,8 @@ import pandas as pd
 
 from hwnas.blocks import build_block, build_network
 from hwnas.errors import LatencyTableError
-from hwnas.latency.table import LatencyTable, atomic_write_text
+from hwnas.fileio import atomic_write_text
+from hwnas.latency.table import LatencyTable
 from hwnas.space import Arch, BlockSpec, SearchSpace
 
 CHUNK = 8  # blocks timed together in interleaved rounds, and written together

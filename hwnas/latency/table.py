@@ -11,9 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from hwnas.errors import ArchError, LatencyTableError
+from hwnas.fileio import atomic_write_text
 from hwnas.space import Arch, BlockSpec, SearchSpace
 
 FORMAT_VERSION = 1
@@ -44,22 +43,6 @@ MISMATCH_HINT = "pass allow_mismatch=True (CLI: --allow-mismatch) to use it anyw
 def meta_path_for(csv_path: str | Path) -> Path:
     path = Path(csv_path)
     return path.with_name(path.name.removesuffix(".csv") + ".meta.json")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write through a temporary file in the same directory, so a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(value: Any) -> Any:

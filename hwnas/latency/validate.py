@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from hwnas.errors import LatencyTableError
+from hwnas.fileio import atomic_write_text
 from hwnas.latency.profiler import calibration_archs, measure_subnets
-from hwnas.latency.table import LatencyTable, atomic_write_text
+from hwnas.latency.table import LatencyTable
 from hwnas.space import Arch, SearchSpace
 
 PARTIAL = "validation.partial.csv"
@@ -96,12 +97,16 @@ class ValidationReport:
 
 def validate_table(table: LatencyTable | str | Path, space: SearchSpace | None = None, *, n: int = 200, seed: int = 1,
                    backend: Any = None, out_dir: str | Path | None = None, allow_mismatch: bool = False,
-                   rounds: int = 3, resume: bool = True, progress: bool = False) -> ValidationReport:
+                   rounds: int = 3, resume: bool = True, progress: bool = False,
+                   measure: bool = True) -> ValidationReport:
     """Measure `n` random subnets on the table's backend and score the table's predictions against them.
 
     Refuses to measure on a device whose identity differs from the table's (the comparison would say
     nothing about the table) unless `allow_mismatch`. With `out_dir`, finished measurements are kept
-    in `validation.partial.csv`, so a killed run resumes where it stopped.
+    in `validation.partial.csv`, so a killed run resumes where it stopped. `measure=False` scores
+    only what an interrupted run left in `out_dir` (same table, seed and statistic) without a
+    backend, on any machine: a validation cut short on a device that is no longer at hand still
+    reports on the subnets it measured, and says how many of the `n` those were.
     """
     from hwnas.flops import arch_flops
 
@@ -112,7 +117,9 @@ def validate_table(table: LatencyTable | str | Path, space: SearchSpace | None =
     if profile is None:
         raise LatencyTableError(f"{table.path}: the table names no profile, so there is no backend to measure on")
     warnings: list[str] = []
-    if backend is None:
+    if not measure:
+        warnings = table.check_target(space, allow_mismatch=allow_mismatch)
+    elif backend is None:
         from hwnas.latency.backends import get_backend
         from hwnas.latency.device import fingerprint
 
@@ -131,6 +138,12 @@ def validate_table(table: LatencyTable | str | Path, space: SearchSpace | None =
     out = Path(out_dir) if out_dir is not None else None
     done = _read_partial(out, table, seed, statistic) if (out is not None and resume) else {}
     todo = [a for a in archs if a.arch_id not in done]
+    if not measure:
+        if len(archs) - len(todo) < 2:
+            raise LatencyTableError(f"{out}: no measurements of an earlier validation of {table.path} (seed {seed}, "
+                                    f"{statistic}) to score; run the validation on the table's device first")
+        warnings.append(f"scored {len(archs) - len(todo)} of {n} subnets: the measuring run stopped before the rest")
+        archs, todo = [a for a in archs if a.arch_id in done], []
 
     def keep(chunk: list[tuple[Arch, Any]]) -> None:
         for arch, timing in chunk:
@@ -160,6 +173,7 @@ def validate_table(table: LatencyTable | str | Path, space: SearchSpace | None =
         warnings=warnings)
     if out is not None:
         _write_outputs(report, out)
+    if out is not None and measure:
         (out / PARTIAL).unlink(missing_ok=True)
         (out / (PARTIAL + ".json")).unlink(missing_ok=True)
     return report

@@ -1,0 +1,36 @@
+"""Atomic file writes: every file hwnas leaves behind is either the old one or the whole new one.
+
+Profiling and training are long and may be killed at any moment; a reader (or a resumed run) must
+never find half a table or half a log. Kept free of torch so that the latency tables and the
+searchers can use it without importing torch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def file_mode() -> int:
+    """The mode open() would give a new file (mkstemp makes it 0600, private to its owner)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write through a temporary file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, file_mode())
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
