@@ -34,9 +34,10 @@ import numpy as np
 import pandas as pd
 import torch.distributed as tdist
 
-from hwnas.checkpoint import atomic_write_text, load_supernet
+from hwnas.checkpoint import load_supernet
 from hwnas.data import Dataset, load_dataset
 from hwnas.errors import HwnasError
+from hwnas.fileio import atomic_write_text
 from hwnas.flops import arch_flops
 from hwnas.sampling import UniformSampler
 from hwnas.space import Arch, SearchSpace
@@ -112,7 +113,8 @@ def scratch_result(space: SearchSpace, name: str, arch: Arch, dataset: Dataset, 
     recipe = config.to_dict()
     if path.exists():
         cached = json.loads(path.read_text())
-        if cached.get("config") == recipe:
+        # the device is where a recipe ran, not part of it: a GPU run's results count on a CPU re-run
+        if {**cached.get("config", {}), "device": None} == {**recipe, "device": None}:
             return cached
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     config = dataclasses.replace(config, device=str(device))

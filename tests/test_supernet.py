@@ -265,8 +265,10 @@ def test_sort_channels_keeps_the_largest_subnet(net32: Supernet, space32: Search
         big_before, small_before = supernet.set_active(largest)(x), supernet.set_active(small)(x)
         supernet.sort_channels()
         big_after, small_after = supernet.set_active(largest)(x), supernet.set_active(small)(x)
-    # Permuted channels are summed in another order, so float32 rounding differs at the 1e-6 relative level.
-    torch.testing.assert_close(big_after, big_before, rtol=1e-5, atol=TOL)
+    # Permuted channels are summed in another order: float32 rounding differs at the 1e-5 level of the logits'
+    # scale (a wrong permutation differs at the 1e-1 level).
+    scale = big_before.abs().max().item()
+    torch.testing.assert_close(big_after, big_before, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
     assert (small_after - small_before).abs().max() > 1e-3, "narrower subnets now run other channels"
     for block in (b for blocks in supernet.stages for b in blocks):
         assert isinstance(block, DynamicInvertedResidual)
