@@ -1,9 +1,10 @@
 """Does the search find better subnets than random search, for the same number of supernet evaluations?
 
 On a trained supernet and a latency table, at three budgets (the 25th, 50th and 75th percentile of
-the predicted latency of random subnets): the best validation accuracy that constrained evolution
-and random search find with the same number of supernet evaluations, over several seeds, and the
-test accuracy of each one's pick (the test split is touched only to report the picks). Then the
+the predicted latency of random subnets): the best validation accuracy that constrained evolution,
+the differentiable search and random search find with the same number of supernet evaluations,
+over several seeds, the test accuracy of each one's pick (the test split is touched only to report
+the picks), its predicted latency over the budget and the wall time. Then the
 hypervolume of NSGA's accuracy-latency front against random search's (same evaluations, a common
 reference point: the space's slowest predicted latency and the lowest accuracy any run saw), how
 NSGA's one front answers the three budgets, and the Kendall tau of an accuracy predictor fitted on
@@ -13,7 +14,7 @@ the random searches' (arch, validation accuracy) pairs, on held-out pairs.
         --table latency_tables/mbv3-32/DEVICE__cpu-onnxruntime.csv --out bench/search_quality
     python benchmarks/search_quality.py ... --queries 300 --seeds 5 --device cuda
 
-Cost: 3 budgets x 2 strategies x seeds x queries validation evaluations (plus NSGA and its
+Cost: 3 budgets x 3 strategies x seeds x queries validation evaluations (plus NSGA and its
 baseline: 2 x seeds x queries), fewer where archs repeat (evaluations are cached by arch_id). On a
 CPU one evaluation of mbv3-32 on 5000 validation images takes about a second; --val-batches
 trades precision for time. Writes OUT/runs.csv, OUT/fronts.csv, OUT/summary.json, OUT/summary.md.
@@ -31,15 +32,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hwnas.checkpoint import atomic_write_text, load_supernet
+from hwnas.checkpoint import load_supernet
 from hwnas.data import load_dataset
+from hwnas.fileio import atomic_write_text
 from hwnas.latency.table import LatencyTable
-from hwnas.search import evolution_search, hypervolume, nsga_search, random_search
+from hwnas.search import differentiable_search, evolution_search, hypervolume, nsga_search, random_search
 from hwnas.search.evaluate import SupernetEvaluator
 from hwnas.search.predictor import AccuracyPredictor
 from hwnas.train import resolve_device
 
 QUANTILES = (0.25, 0.5, 0.75)
+STRATEGIES = ("evolution", "differentiable", "random")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=200, help="supernet evaluations per search")
     parser.add_argument("--population", type=int, default=None, help="default: queries/8 within 8..50")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help="comma-separated, of " + ", ".join(STRATEGIES) + " (default: %(default)s)")
     parser.add_argument("--val-batches", type=int, default=None, help="cap on validation batches per evaluation")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--bn-batches", type=int, default=None, help="default: the checkpoint's bn_batches")
@@ -68,6 +73,10 @@ def mean_std(values: pd.Series) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not set(strategies) <= set(STRATEGIES) or not strategies:
+        print(f"search_quality: --strategies takes {', '.join(STRATEGIES)}; got {args.strategies!r}", file=sys.stderr)
+        return 2
     supernet, state = load_supernet(args.checkpoint)
     space = supernet.space
     table = LatencyTable.load(args.table)
@@ -93,11 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     pairs: dict[str, tuple[Any, float]] = {}
     for q, budget in budgets.items():
         for seed in range(args.seeds):
-            for strategy in ("evolution", "random"):
+            for strategy in strategies:
                 start = time.perf_counter()
                 if strategy == "evolution":
                     result = evolution_search(space, val, table, budget, queries=args.queries, seed=seed,
                                               population_size=population, progress=args.progress, costs=False)
+                elif strategy == "differentiable":
+                    result = differentiable_search(space, val, table, budget, queries=args.queries, seed=seed,
+                                                   progress=args.progress, costs=False)
                 else:
                     result = random_search(space, val, table, budget, queries=args.queries, seed=seed,
                                            progress=args.progress, costs=False)
@@ -107,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                 assert result.best is not None and row is not None and table.predict(result.best) <= budget
                 rows.append({"budget_quantile": q, "budget_ms": budget, "strategy": strategy, "seed": seed,
                              "evaluations": result.queries, "best_arch_id": row["arch_id"],
-                             "best_latency_ms": row["latency_ms"], "best_val_acc": row["accuracy"],
+                             "best_latency_ms": row["latency_ms"], "latency_over_budget": row["latency_ms"] / budget,
+                             "best_val_acc": row["accuracy"],
                              "best_test_acc": test.evaluate(result.best), "seconds": time.perf_counter() - start,
                              "arch": row["arch"]})
-                print(f"  q{int(100 * q)} {strategy:9s} seed {seed}: val {row['accuracy']:.2f} test "
+                print(f"  q{int(100 * q)} {strategy:14s} seed {seed}: val {row['accuracy']:.2f} test "
                       f"{rows[-1]['best_test_acc']:.2f} at {row['latency_ms']:.3f} ms ({rows[-1]['seconds']:.0f} s)")
     runs = pd.DataFrame(rows)
 
@@ -146,24 +159,30 @@ def main(argv: list[str] | None = None) -> int:
     per_budget: list[dict[str, Any]] = []
     for q in QUANTILES:
         part = runs[runs["budget_quantile"] == q]
-        evo = part[part["strategy"] == "evolution"].set_index("seed")
-        rnd = part[part["strategy"] == "random"].set_index("seed")
         nsga = front_frame[front_frame["strategy"] == "nsga"][f"best_val_q{int(100 * q)}"]
-        per_budget.append({
-            "quantile": q, "budget_ms": budgets[q],
-            "evolution_val": float(evo["best_val_acc"].mean()), "random_val": float(rnd["best_val_acc"].mean()),
-            "evolution_test": float(evo["best_test_acc"].mean()), "random_test": float(rnd["best_test_acc"].mean()),
-            "evolution_wins_val": int((evo["best_val_acc"] > rnd["best_val_acc"]).sum()),
-            "ties_val": int((evo["best_val_acc"] == rnd["best_val_acc"]).sum()),
-            "nsga_front_val": float(nsga.mean()),
-            "table": (f"| q{int(100 * q)} ({budgets[q]:.3f} ms) | {mean_std(evo['best_val_acc'])} | "
-                      f"{mean_std(rnd['best_val_acc'])} | {mean_std(evo['best_test_acc'])} | "
-                      f"{mean_std(rnd['best_test_acc'])} | {mean_std(nsga)} |"),
-        })
+        entry: dict[str, Any] = {"quantile": q, "budget_ms": budgets[q], "nsga_front_val": float(nsga.mean())}
+        cells = [f"q{int(100 * q)} ({budgets[q]:.3f} ms)"]
+        for strategy in strategies:
+            runs_s = part[part["strategy"] == strategy]
+            entry[strategy] = {"val": float(runs_s["best_val_acc"].mean()),
+                               "test": float(runs_s["best_test_acc"].mean()),
+                               "latency_over_budget_mean": float(runs_s["latency_over_budget"].mean()),
+                               "latency_over_budget_min": float(runs_s["latency_over_budget"].min()),
+                               "seconds": float(runs_s["seconds"].mean())}
+            cells.append(f"{strategy}: {mean_std(runs_s['best_val_acc'])} / {mean_std(runs_s['best_test_acc'])} / "
+                         f"{runs_s['latency_over_budget'].min():.3f}-{runs_s['latency_over_budget'].max():.3f} / "
+                         f"{runs_s['seconds'].mean():.0f} s")
+        if {"evolution", "random"} <= set(strategies):
+            evo = part[part["strategy"] == "evolution"].set_index("seed")["best_val_acc"]
+            rnd = part[part["strategy"] == "random"].set_index("seed")["best_val_acc"]
+            entry["evolution_wins_val"], entry["ties_val"] = int((evo > rnd).sum()), int((evo == rnd).sum())
+        entry["table"] = "| " + " | ".join(cells) + f" | {mean_std(nsga)} |"
+        per_budget.append(entry)
     hv = front_frame.groupby("strategy")["hypervolume"]
     summary = {
         "checkpoint": str(args.checkpoint), "table": str(args.table), "dataset": data, "space": space.name,
         "queries": args.queries, "population": population, "seeds": args.seeds, "device": str(device),
+        "strategies": strategies,
         "validation_images": val.images, "bn_batches": bn_batches, "budgets_ms": budgets,
         "per_budget": [{k: v for k, v in b.items() if k != "table"} for b in per_budget],
         "hypervolume": {k: float(v) for k, v in hv.mean().items()},
@@ -178,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         f"Checkpoint `{args.checkpoint}`, table `{args.table}`, {data} (validation: {val.images} images; "
         f"BN re-estimated on {bn_batches} training batches). Best validation accuracy (%) found, and the test "
         "accuracy of that pick; mean ± std over seeds. NSGA: one run per seed, its front read at each budget.", "",
-        "| budget | evolution val | random val | evolution test | random test | NSGA front val |",
-        "|---|---|---|---|---|---|",
+        "Each cell: validation % / test % / predicted latency over the budget (min-max) / wall time per search.", "",
+        "| budget | " + " | ".join(strategies) + " | NSGA front val |",
+        "|---|" + "---|" * len(strategies) + "---|",
         *[b["table"] for b in per_budget], "",
-        f"Evolution beat random on validation in {sum(b['evolution_wins_val'] for b in per_budget)} of "
-        f"{len(QUANTILES) * args.seeds} (budget, seed) pairs ({sum(b['ties_val'] for b in per_budget)} ties).", "",
+        *([f"Evolution beat random on validation in {sum(b['evolution_wins_val'] for b in per_budget)} of "
+           f"{len(QUANTILES) * args.seeds} (budget, seed) pairs ({sum(b['ties_val'] for b in per_budget)} ties).", ""]
+          if {"evolution", "random"} <= set(strategies) else []),
         f"Hypervolume (ms x accuracy points, reference {high:.3f} ms / {ref_acc:.2f} %): "
         + ", ".join(f"{k} {v:.3f}" for k, v in summary["hypervolume"].items()) + ".", "",
         f"Accuracy predictor on {len(archs)} (arch, validation accuracy) pairs of the random searches: "

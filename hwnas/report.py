@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hwnas.checkpoint import atomic_write_text
+from hwnas.fileio import atomic_write_text
 from hwnas.search.base import SearchResult
 
 FILES = ("candidates.csv", "pareto.csv", "pareto.png", "best.json", "summary.md")
@@ -147,10 +147,12 @@ def summary_markdown(result: SearchResult, best: Mapping[str, Any], files: Mappi
         lines += ["", "```json", json.dumps(best["arch"]), "```", ""]
     hist = result.history
     if len(hist):
-        lines += ["## Population quality per generation", ""]
+        per_step = "multiplier" in hist.columns  # the differentiable strategy logs its distribution per step
+        lines += ["## The distribution per step" if per_step else "## Population quality per generation", ""]
         show = hist if len(hist) <= 12 else hist.iloc[np.unique(np.linspace(0, len(hist) - 1, 12).round().astype(int))]
         cols = [c for c in ("generation", "queries", "mean_accuracy", "std_accuracy", "best_accuracy",
-                            "best_feasible_accuracy", "mean_latency_ms", "rejected") if c in hist.columns]
+                            "best_feasible_accuracy", "mean_latency_ms", "expected_latency_ms", "argmax_latency_ms",
+                            "multiplier", "entropy", "loss", "rejected") if c in hist.columns]
         lines += [_md_table(show, cols, {c: "{:.4g}" for c in cols if c not in ("generation", "queries", "rejected")}),
                   ""]
     if len(result.front):

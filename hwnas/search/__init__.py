@@ -2,8 +2,7 @@
 
 Every searcher has one signature, `(space, evaluator, latency_model, budget_ms, *, queries, seed,
 seed_population, progress, ...) -> SearchResult`, and is found by name in `STRATEGIES`, which
-`hwnas search --strategy` dispatches on; a new strategy (e.g. a differentiable one) is one more
-entry.
+`hwnas search --strategy` dispatches on; a new strategy is one more entry.
 """
 
 from __future__ import annotations
@@ -32,7 +31,16 @@ from hwnas.search.random import random_search
 
 Searcher = Callable[..., SearchResult]
 
+
+def differentiable_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, latency_model: LatencyModel,
+                          budget_ms: float, **options: Any) -> SearchResult:
+    """`hwnas.search.differentiable.differentiable_search`, imported on first use (it needs torch)."""
+    from hwnas.search.differentiable import differentiable_search as run
+
+    return run(space, evaluator, latency_model, budget_ms, **options)
+
 STRATEGIES: dict[str, Searcher] = {
+    "differentiable": differentiable_search,
     "evolution": evolution_search,
     "nsga": nsga_search,
     "random": random_search,
@@ -55,7 +63,7 @@ def search(strategy: str, space: SearchSpaceLike, evaluator: AccuracyEvaluator, 
 
 __all__ = [
     "STRATEGIES", "AccuracyEvaluator", "ArchLike", "EncodableSpace", "FeasibleRange", "FunctionEvaluator",
-    "LatencyModel", "SearchResult", "SearchSpaceLike", "check_budget", "confirm", "evolution_search",
-    "feasible_range", "get_strategy", "hypervolume", "non_dominated_sort", "nsga_search", "pareto_mask",
-    "random_search", "search",
+    "LatencyModel", "SearchResult", "SearchSpaceLike", "check_budget", "confirm", "differentiable_search",
+    "evolution_search", "feasible_range", "get_strategy", "hypervolume", "non_dominated_sort", "nsga_search",
+    "pareto_mask", "random_search", "search",
 ]

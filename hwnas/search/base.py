@@ -198,6 +198,8 @@ class SearchResult:
     `candidates` has one row per evaluated arch (COLUMNS, plus `confirmed_accuracy` once `confirm`
     re-scored some); `metric` names the accuracy column that `front` and `best` are chosen by.
     `history` has one row per generation: population quality (mean, std, best accuracy) and counts.
+    `supernet_state` is the `state_dict` of the shared weights when the search changed them (the
+    differentiable strategy with `finetune=True`): `best` is deployable with those weights only.
     """
 
     candidates: pd.DataFrame
@@ -214,6 +216,7 @@ class SearchResult:
     archs: dict[str, Any] = field(repr=False, default_factory=dict)
     metric: str = "accuracy"
     info: dict[str, Any] = field(default_factory=dict)
+    supernet_state: dict[str, Any] | None = field(repr=False, default=None)
 
     def best_under(self, budget_ms: float, latency_model: LatencyModel | None = None) -> tuple[Any, pd.Series] | None:
         """The best evaluated arch within another budget: one NSGA run answers many budgets.
