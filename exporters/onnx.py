@@ -72,12 +72,16 @@ def export_module(module: nn.Module, path: str | Path, input_shape: tuple[int, i
 
 def export_onnx(module: nn.Module, arch: Arch, path: str | Path, *, input_shape: tuple[int, int, int] | None = None,
                 metadata: Mapping[str, str] | None = None, opset: int = 17, batch_size: int = 1,
-                dynamic_batch: bool = True, atol: float = 1e-4, check_inputs: torch.Tensor | None = None) -> OnnxExport:
+                dynamic_batch: bool = True, atol: float = 1e-4, check_inputs: torch.Tensor | None = None,
+                simplify: bool = True) -> OnnxExport:
     """Export a subnet for deployment, and refuse to leave a file that does not compute what torch does.
 
     The file appears at `path` only once onnx.checker (full check) passed and ONNX Runtime matched
     torch within `atol` on `check_inputs` (seeded random inputs by default, at a batch size other
-    than the traced one when the batch is dynamic, so the dynamic axis is exercised too).
+    than the traced one when the batch is dynamic, so the dynamic axis is exercised too). With
+    `simplify`, the graph is also passed through onnxslim (constant folding, dead-node and
+    redundant-op removal) and the simpler graph is kept only if it passes the same checks; what
+    happened is recorded in the `hwnas.simplified` metadata either way.
     """
     path = Path(path)
     shape = _check_shape(input_shape if input_shape is not None else _default_input_shape(module, arch))
@@ -103,11 +107,33 @@ def export_onnx(module: nn.Module, arch: Arch, path: str | Path, *, input_shape:
         if not diff <= atol:  # also catches NaN
             raise ExportError(f"{path}: ONNX Runtime differs from torch by {diff:.3g} (> atol {atol:g}); "
                               "the file was not written")
+        if simplify:
+            model, diff, props[METADATA_PREFIX + "simplified"] = _simplified(model, module, check_inputs, atol, diff)
         props[METADATA_PREFIX + "ort_max_abs_diff"] = f"{diff:.3e}"
         _set_metadata(model, props)
         onnx.save(model, str(tmp))
         os.replace(tmp, path)
     return OnnxExport(path=path, opset=opset, max_abs_diff=diff, metadata=props)
+
+
+def _simplified(model: onnx.ModelProto, module: nn.Module, inputs: torch.Tensor, atol: float,
+                diff: float) -> tuple[onnx.ModelProto, float, str]:
+    """The onnxslim-simplified model if it still passes the checker and parity, else the model as it was."""
+    try:
+        import onnxslim
+    except ImportError:
+        return model, diff, "no (onnxslim is not installed)"
+    before = len(model.graph.node)
+    try:
+        slim = onnxslim.slim(onnx.ModelProto.FromString(model.SerializeToString()))
+        onnx.checker.check_model(slim, full_check=True)
+        slim_diff = _max_abs_diff(module, _session(slim.SerializeToString(), threads=None, providers=None), inputs)
+    except Exception as exc:  # noqa: BLE001 - a failed simplification must not fail the export
+        return model, diff, f"no (onnxslim failed: {_first_line(exc)})"
+    if not slim_diff <= atol:
+        return model, diff, f"no (the simplified graph differs from torch by {slim_diff:.3g})"
+    version = getattr(onnxslim, "__version__", "?")
+    return slim, slim_diff, f"onnxslim {version}: {before} -> {len(slim.graph.node)} nodes"
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -120,6 +146,23 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     except (OSError, DecodeError, ValueError) as exc:
         raise ExportError(f"{path}: not a readable ONNX file ({_first_line(exc)})") from None
     return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def set_metadata(path: str | Path, props: Mapping[str, str]) -> None:
+    """Add or replace metadata of an exported file (prefixed `hwnas.` unless already), rewritten atomically.
+
+    What is known only after export (accuracy in ONNX Runtime, measured latency) goes in this way,
+    so the file that ships carries every figure that was checked on it.
+    """
+    path = Path(path)
+    model = onnx.load(str(path)) if path.is_file() else None
+    if model is None:
+        raise ExportError(f"{path}: no such ONNX file")
+    prefixed = {(k if k.startswith(METADATA_PREFIX) else METADATA_PREFIX + k): str(v) for k, v in props.items()}
+    _set_metadata(model, prefixed)
+    with _temporary_beside(path) as tmp:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
 
 
 def read_arch(path: str | Path) -> Arch:

@@ -30,7 +30,7 @@ def assert_one_clear_line(proc: subprocess.CompletedProcess[str], *fragments: st
 def test_help_lists_the_commands() -> None:
     proc = hwnas("--help")
     assert proc.returncode == 0
-    for command in ("export", "profile", "latency", "train", "search"):
+    for command in ("export", "profile", "latency", "train", "search", "demo"):
         assert command in proc.stdout
 
 

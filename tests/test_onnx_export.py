@@ -201,3 +201,19 @@ def test_failed_parity_leaves_no_file(tmp_path: Path) -> None:
         export_onnx(net, arch, path, atol=0.0, check_inputs=images(4, arch))
     assert not path.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnxslim_simplifies_only_with_parity_and_says_so(tmp_path: Path) -> None:
+    arch = SPACE.sample(7)
+    net = trained_looking(arch, 7)
+    plain = export_onnx(net, arch, tmp_path / "plain.onnx", simplify=False)
+    slim = export_onnx(net, arch, tmp_path / "slim.onnx")
+    assert "hwnas.simplified" not in plain.metadata
+    note = read_metadata(slim.path)["hwnas.simplified"]
+    assert note.startswith("onnxslim "), note
+    before, after = (int(n) for n in note.split(": ")[1].split(" nodes")[0].split(" -> "))
+    assert before == len(onnx.load(str(plain.path)).graph.node) and after == len(onnx.load(str(slim.path)).graph.node)
+    assert after <= before and slim.max_abs_diff <= 1e-4
+    x = images(3, arch, seed=5)
+    np.testing.assert_allclose(ort_predict(ort_session(slim.path), x, 3), ort_predict(ort_session(plain.path), x, 3),
+                               atol=1e-4)
