@@ -21,13 +21,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 stamp="$VENV/.hwnas-installed"
+# pip warns about every index location this workplace's pip configuration names but lacks; keep the rest.
+quiet_pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location .* is ignored" >&2); }
+
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing hwnas and its dependencies into $VENV (the first time takes a few minutes)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+  quiet_pip install -q --upgrade pip >/dev/null
   # torch first, pinned to the build this workplace keeps on disk; elsewhere pip resolves it as usual.
-  "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>/dev/null \
-    || "$VENV/bin/python" -m pip install -q torch torchvision
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
-  "$VENV/bin/python" -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
+  quiet_pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>/dev/null || quiet_pip install -q torch torchvision
+  quiet_pip install -q -e ".[dev]"
+  quiet_pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
   touch "$stamp"
 fi
