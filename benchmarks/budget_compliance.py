@@ -4,7 +4,9 @@ For each budget (quantiles of the predicted latency of random subnets, so they s
 and seed: constrained evolution on the shipped Fashion-MNIST supernet with the latency table of
 this machine, export of the best arch to ONNX, and the exported file timed end to end in ONNX
 Runtime with the table's profile (threads, warm-up, repeats, statistic), as the profiler times.
-Prints measured / budget per case; the goal is <= 1.05 in every case. Also prints how often the
+Prints measured / budget per case; the goal is <= 1.05 in every case. "measured" is the quietest
+of 10 rounds (as the table was measured); the median of the rounds is printed beside it, since on
+a shared machine the rounds can sit in two modes far apart. Also prints how often the
 measurement is within the budget itself, and predicted / measured (the table's error on the
 archs the search picks, which sit at the budget's edge, not at random).
 
@@ -74,6 +76,8 @@ def main() -> None:
                          "predicted_ms": report.predicted_ms, "measured_ms": report.measured_ms,
                          "measured_p10_ms": report.measured_p10_ms, "measured_p90_ms": report.measured_p90_ms,
                          "measured_over_budget": report.measured_ms / budget,
+                         "rounds_median_ms": float(np.median(report.measured_rounds_ms)),
+                         "rounds_median_over_budget": float(np.median(report.measured_rounds_ms)) / budget,
                          "predicted_over_measured": report.predicted_ms / report.measured_ms,
                          "val_accuracy_1000": float(result.best_row["accuracy"])})
             r = rows[-1]
@@ -86,6 +90,8 @@ def main() -> None:
         "cases": len(frame), "within_1.05": int((ratio <= 1.05).sum()), "within_1.00": int((ratio <= 1.0).sum()),
         "max_measured_over_budget": float(ratio.max()), "median_measured_over_budget": float(ratio.median()),
         "table_mape_at_the_budget_edge_%": float(100 * (frame["predicted_over_measured"] - 1).abs().mean()),
+        "rounds_median_within_1.05": int((frame["rounds_median_over_budget"] <= 1.05).sum()),
+        "max_rounds_median_over_budget": float(frame["rounds_median_over_budget"].max()),
         "device": table.device_slug, "profile": (table.profile_dict or {}).get("name"), "table": str(table.path),
         "commit": commit, "host": platform.node(), "date": time.strftime("%Y-%m-%d"),
         "wall_s": round(time.perf_counter() - started, 1),
@@ -93,7 +99,8 @@ def main() -> None:
     frame.to_csv(args.out / "budget_compliance.csv", index=False, float_format="%.5g")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print()
-    print(frame[["budget_ms", "seed", "predicted_ms", "measured_ms", "measured_over_budget"]].to_string(
+    print(frame[["budget_ms", "seed", "predicted_ms", "measured_ms", "measured_over_budget",
+                 "rounds_median_over_budget"]].to_string(
         index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"\nmeasured/budget <= 1.05 in {summary['within_1.05']}/{summary['cases']} cases (goal: all), <= 1.00 in "
           f"{summary['within_1.00']}/{summary['cases']}; worst {summary['max_measured_over_budget']:.3f}; "

@@ -107,7 +107,7 @@ def _init_torchrun() -> tuple[int, int]:
 
 
 def scratch_result(space: SearchSpace, name: str, arch: Arch, dataset: Dataset, config: TrainConfig,
-                   out: Path) -> dict[str, Any]:
+                   out: Path, log: str | None = None) -> dict[str, Any]:
     """Train `arch` alone (or read the result of an earlier run) and score it on validation and test."""
     path = out / "scratch" / f"{arch.arch_id}.json"
     recipe = config.to_dict()
@@ -115,7 +115,11 @@ def scratch_result(space: SearchSpace, name: str, arch: Arch, dataset: Dataset, 
         cached = json.loads(path.read_text())
         # the device is where a recipe ran, not part of it: a GPU run's results count on a CPU re-run
         if {**cached.get("config", {}), "device": None} == {**recipe, "device": None}:
+            if log is not None:
+                print(f"{log}{name} ({arch.arch_id}): stand-alone result of an earlier run ({path})", flush=True)
             return cached
+    if log is not None:
+        print(f"{log}training {name} ({arch.arch_id}) from scratch for {config.epochs} epochs", flush=True)
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     config = dataclasses.replace(config, device=str(device))
     start = time.perf_counter()
@@ -161,9 +165,7 @@ def run(args: argparse.Namespace, rank: int, world: int) -> int:
     # -- stand-alone trainings, dealt out over the ranks ----------------------------------------------
     for index, (name, arch) in enumerate(scratch_archs):
         if index % world == rank:
-            print(f"[rank {rank}] training {name} ({arch.arch_id}) from scratch for {scratch_config.epochs} epochs",
-                  flush=True)
-            scratch_result(space, name, arch, dataset, scratch_config, args.out)
+            scratch_result(space, name, arch, dataset, scratch_config, args.out, log=f"[rank {rank}] ")
     if world > 1:
         tdist.barrier()
     if rank != 0:
