@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hwnas.errors import ExportError
+from hwnas.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -172,9 +171,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
         reason = _one_line("; ".join(_ERRORS[first_error:])) or "see TensorRT's log above"
         raise ExportError(f"{onnx_path}: TensorRT could not build a {precision} engine: {reason}")
 
-    _write_atomic(engine_path, memoryview(serialized).tobytes())
+    atomic_write_bytes(engine_path, memoryview(serialized).tobytes())
     if timing_cache is not None:
-        _write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()).tobytes())
+        atomic_write_bytes(timing_cache, memoryview(config.get_timing_cache().serialize()).tobytes())
 
     import torch
 
@@ -205,7 +204,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     settings_path = engine_path.with_name(engine_path.name + ".json")
-    _write_atomic(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
+    atomic_write_bytes(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
     return EngineBuild(engine_path=engine_path, settings_path=settings_path, precision=precision,
                        build_seconds=build_seconds, tensorrt_version=trt.__version__)
 
@@ -437,7 +436,7 @@ def _make_calibrator(feed: _CalibrationFeed, cache_path: Path | None,
 
         def write_calibration_cache(self, cache: Buffer) -> None:
             if cache_path is not None:
-                _write_atomic(cache_path, memoryview(cache).tobytes())
+                atomic_write_bytes(cache_path, memoryview(cache).tobytes())
 
     return Calibrator()
 
@@ -463,20 +462,6 @@ def _torch_dtype(dtype: trt.DataType) -> torch.dtype:
     if dtype not in table:
         raise ExportError(f"engine tensor of TensorRT type {dtype} has no torch equivalent")
     return table[dtype]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256(path: Path) -> str:
