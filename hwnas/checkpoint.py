@@ -14,7 +14,6 @@ trajectory (optimizer, schedule, sampler and torch RNG states, epoch, step). It 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hwnas.errors import CheckpointError
-from hwnas.fileio import file_mode
+from hwnas.fileio import atomic_open
 from hwnas.space import SearchSpace
 
 if TYPE_CHECKING:
@@ -49,18 +48,8 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     one, never a half-written file; the rename is atomic because both names are on one filesystem.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        torch.save(dict(state), f)
     try:  # make the rename itself durable; not every filesystem lets a directory be opened
         dir_fd = os.open(path.parent, os.O_RDONLY)
     except OSError:
