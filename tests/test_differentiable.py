@@ -133,8 +133,8 @@ def test_expected_latency_equals_the_brute_force_expectation(kind: str, pair_arc
             assert torch.allclose(g, b, rtol=1e-9, atol=1e-12)
         assert dist.probability(pair_archs[5]) == pytest.approx(float(probs[5].detach()), rel=1e-12)
         # entropy of the distribution over distinct networks, by brute force
-        entropy = float(-(probs * probs.log()).sum())
-        assert float(dist.entropy()) == pytest.approx(entropy, rel=1e-10)
+        entropy = float(-(probs * probs.log()).sum().detach())
+        assert float(dist.entropy().detach()) == pytest.approx(entropy, rel=1e-10)
 
 
 def test_a_model_without_block_costs_gets_a_monte_carlo_estimate(pair_archs: list[Arch]) -> None:
