@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -194,3 +195,57 @@ def test_help_shows_an_example(capsys: pytest.CaptureFixture) -> None:
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert "examples:" in text and "--seed-from" in text and "--budget-ms" in text
+
+
+def test_drift_correct_and_measure_top_time_real_subnets_on_this_device(setup: Setup, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """A table claiming this CPU (synthetic numbers, real profile and fingerprint): the drift check and the
+    final pick time real ONNX Runtime sessions, and best.json records both."""
+    from test_search import synthetic_table
+
+    from hwnas import spaces
+    from hwnas.latency.backends import Timing
+    from hwnas.latency.device import device_slug, fingerprint
+    from hwnas.latency.profiler import calibration_path
+    from hwnas.latency.profiles import load_profile
+    from hwnas.latency.table import LatencyTable
+    from hwnas.space import Arch
+
+    space = spaces.get("mbv3-32")
+    profile = load_profile("cpu-onnxruntime")
+    fp = fingerprint(profile)
+    here = LatencyTable.new(space, profile=profile, fingerprint=fp, device_slug=device_slug(fp))
+    synthetic = synthetic_table(space)
+    for spec in space.all_blocks():  # the same synthetic block times, now claimed for this device
+        t = synthetic.block_cost(spec)
+        here.record(spec, Timing(median_ms=t, p10_ms=t, p90_ms=t, mean_ms=t, n=1))
+    path = here.save(tmp_path / "here__cpu-onnxruntime.csv")
+    archs = [space.sample(np.random.default_rng(i)) for i in range(4)]
+    pd.DataFrame({"arch_id": [a.arch_id for a in archs], "arch": [a.to_json() for a in archs],
+                  "median_ms": here.predict_many(archs)}).to_csv(calibration_path(path), index=False)
+
+    out = tmp_path / "measured"
+    budget = 20 * setup.high  # feasible whatever the drift factor turns out to be
+    args = ["search", "--supernet", str(setup.supernet), "--table", str(path), "--budget-ms", f"{budget}",
+            "--out", str(out), *QUICK, "--drift", "correct", "--measure-top", "2"]
+    code, printed, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "4 calibration subnets re-timed" in printed and "timed the top 2 in-budget candidates" in printed
+    best = json.loads((out / "best.json").read_text())
+    factor = best["latency_drift"]["factor"]  # real ONNX Runtime vs synthetic milliseconds: far from 1
+    assert abs(factor - 1) > 0.05 and "predictions scaled by" in printed
+    arch = Arch.from_file(out / "best.json")
+    assert best["predicted_latency_ms"] == pytest.approx(factor * here.predict(arch))
+    picked = best["measured_pick"]
+    assert picked["timed"] == 2 and picked["met_budget"] and picked["picked_rank"] == 0 and picked["measured_ms"] > 0
+    assert pd.read_csv(out / "candidates.csv")["measured_ms"].notna().sum() == 2
+    # the export predicts as the search did: the table scaled by the drift recorded in best.json
+    code, printed, err = run_cli(["export", "--supernet", str(setup.supernet), "--arch", str(out / "best.json"),
+                                  "--data", "none", "--out", str(tmp_path / "export")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "export" / "deploy.json").read_text())
+    assert report["predicted_ms"] == pytest.approx(best["predicted_latency_ms"]) and "prediction scaled by" in printed
+
+    # the synthetic table of setup records no profile: nothing to time it with, said in one line
+    code, _, err = run_cli(setup.args(budget, tmp_path / "none", "--measure-top", "2"), capsys)
+    assert code == 2 and "records no profile" in one_line(err)

@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         arch = Arch.from_dict(record["arch"])
         space.validate(arch)
         table = _table(args.table or record.get("table"), space, profile, args.allow_mismatch)
+        table = _with_search_drift(table, record, explicit=args.table is not None)
         budget = args.budget_ms if args.budget_ms is not None else record.get("budget_ms")
         out = args.out / job["name"] if job["name"] else args.out
         print(f"exporting {arch.arch_id} from {source}" + (f" ({job['name']})" if job["name"] else ""))
@@ -182,6 +183,17 @@ def _table(path: Any, space: Any, profile: Any, allow_mismatch: bool) -> Any:
         print(f"hwnas export: warning: {table.path}: the prediction is for another target than this one: "
               f"{'; '.join(notes)}", file=sys.stderr)
     return table
+
+
+def _with_search_drift(table: Any, record: dict[str, Any], explicit: bool) -> Any:
+    """The table as the search saw it: scaled by the drift it measured (`hwnas search --drift correct`)."""
+    drift = record.get("latency_drift")
+    if table is None or explicit or not isinstance(drift, dict) or "factor" not in drift:
+        return table
+    factor = float(drift["factor"])
+    print(f"  prediction scaled by {factor:.3f}, the drift the search measured on this device "
+          "(hwnas search --drift correct)")
+    return table.with_drift(factor, drift)
 
 
 def summary_table(reports: list[Any]) -> str:

@@ -1,4 +1,4 @@
-"""`hwnas latency validate`: measure random subnets end to end and score a latency table on them."""
+"""`hwnas latency validate | drift`: score a latency table against end-to-end measurements, now or as it was."""
 
 from __future__ import annotations
 
@@ -8,18 +8,23 @@ from pathlib import Path
 EXAMPLE = """examples:
   hwnas latency validate --table latency_tables/mbv3-32/DEVICE__cpu-onnxruntime.csv --n 200
   hwnas latency validate --table T.csv --n 50 --out results/validation --allow-mismatch
+  hwnas latency drift --table latency_tables/mbv3-32/DEVICE__cpu-onnxruntime.csv
 
-Prints the share of subnets predicted within +-5 % and +-10 %, MAPE, Kendall tau and the worst error,
-beside the same figures for a FLOPs proxy; writes validation.csv, validation.png and validation.json.
+validate prints the share of subnets predicted within +-5 % and +-10 %, MAPE, Kendall tau and the
+worst error, beside the same figures for a FLOPs proxy; writes validation.csv, validation.png and
+validation.json. drift re-times a few of the table's calibration subnets and prints how much slower
+(or faster) this device runs now than when the table was measured ('hwnas search --drift correct'
+searches for the device as it runs now).
 """
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "latency",
-        help="latency tables: validate a table against end-to-end measurements",
+        help="latency tables: validate a table against end-to-end measurements, or check it for drift",
         description="Work with latency tables. 'validate' measures random subnets on the table's own backend "
-        "and compares them with the table's predictions.",
+        "and compares them with the table's predictions; 'drift' re-times a few of its calibration subnets to "
+        "tell whether the device still runs as fast as when the table was measured.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -45,6 +50,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     validate.add_argument("--quiet", action="store_true", help="no progress bar")
     validate.set_defaults(run=run_validate)
 
+    drift = actions.add_parser(
+        "drift",
+        help="re-time a few of the table's calibration subnets: is this device as fast as when it was profiled?",
+        description="Re-time N of the table's calibration subnets on this machine, the way the profiler timed them, "
+        "and print the median ratio now / then. A shared or throttled machine keeps its fingerprint while its "
+        "speed changes; a ratio beyond the tolerance means predictions are off by about that much.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    drift.add_argument("--table", required=True, type=Path, help="the table's CSV (its .meta.json beside it)")
+    drift.add_argument("--anchors", type=int, default=8, help="calibration subnets to re-time (default: %(default)s)")
+    drift.add_argument("--rounds", type=int, default=8,
+                       help="interleaved timing rounds per subnet; the quietest is kept (default: %(default)s)")
+    drift.add_argument("--tolerance", type=float, default=0.05,
+                       help="relative change reported as drift (default: %(default)s)")
+    drift.set_defaults(run=run_drift)
+
 
 def run_validate(args: argparse.Namespace) -> int:
     from hwnas.errors import HwnasError
@@ -59,4 +81,19 @@ def run_validate(args: argparse.Namespace) -> int:
                             rounds=args.rounds, progress=not args.quiet, measure=args.measure)
     print_report(report)
     print(f"wrote {report.files['csv']}, {report.files['png']} and {report.files['json']}")
+    return 0
+
+
+def run_drift(args: argparse.Namespace) -> int:
+    from hwnas.errors import HwnasError
+    from hwnas.latency.drift import check_drift
+    from hwnas.latency.table import LatencyTable
+
+    if args.anchors < 1 or args.rounds < 1 or not 0 < args.tolerance < 1:
+        raise HwnasError("--anchors and --rounds must be >= 1 and --tolerance within (0, 1)")
+    table = LatencyTable.load(args.table)
+    check = check_drift(table, n=args.anchors, rounds=args.rounds, tolerance=args.tolerance)
+    print(f"{table.path}: {check.describe()}")
+    for arch_id, then, now in zip(check.arch_ids, check.then_ms, check.now_ms, strict=True):
+        print(f"  {arch_id}: {then:.4g} ms then, {now:.4g} ms now ({now / then:.3f}x)")
     return 0

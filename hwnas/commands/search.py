@@ -84,6 +84,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add("--force", action="store_true", help="overwrite a run directory that holds an earlier search")
     add("--seed", type=int, default=0, help="(default: %(default)s)")
     add("--allow-mismatch", action="store_true", help="use a table measured for another space spec anyway")
+    add("--measure-top", type=int, default=0, metavar="K",
+        help="on the table's own device: time the K most accurate in-budget candidates end to end at the end and "
+             "return the most accurate one timed within the budget (0: off; default: %(default)s)")
+    add("--drift", choices=("off", "warn", "correct"), default="off",
+        help="on the table's own device: re-time a few of its calibration subnets first and warn when the device "
+             "runs more than 5 %% faster or slower than when the table was measured (warn), or also scale the "
+             "predictions by that factor (correct); see 'hwnas latency drift' (default: %(default)s)")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     add("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -121,6 +128,8 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < (2 if name == "population" else 1):
             raise HwnasError(f"--{name.replace('_', '-')} is too small: {value}")
+    if args.measure_top < 0:
+        raise HwnasError(f"--measure-top must be >= 0, got {args.measure_top}")
     if args.confirm is not None and not 1 <= args.confirm < args.queries:
         raise HwnasError(f"--confirm must lie in 1..queries-1 ({args.queries - 1}), got {args.confirm}")
     if args.predictor and args.queries < 10:
@@ -152,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
     for table in tables:
         for note in table.check_target(space, allow_mismatch=args.allow_mismatch):
             print(f"hwnas search: warning: {table.path}: {note}", file=sys.stderr)
+    if args.drift != "off":
+        tables = [_drift_checked(table, args.drift == "correct") for table in tables]
+    for table in tables:
         for budget in budgets:  # every infeasible pair is refused before any evaluation
             check_budget(space, table, budget, seed=args.seed)
     seeds = read_seed_population(args.seed_from, space) if args.seed_from is not None else []
@@ -179,6 +191,35 @@ def run(args: argparse.Namespace) -> int:
     if family:
         _write_family(out, rows, evaluator.evaluations)
     return 0
+
+
+def _measured(result: Any, table: Any, budget: float, top_k: int) -> Any:
+    """The search's result with its best re-chosen by timing the top candidates on this device."""
+    from hwnas.latency.ondevice import subnet_timer
+    from hwnas.search.measured import describe_pick, measured_pick
+
+    result = measured_pick(result, subnet_timer(table), budget, top_k=top_k)
+    line = describe_pick(result)
+    print(line if result.info["measured_pick"]["met_budget"] else f"hwnas search: warning: {line}",
+          file=sys.stdout if result.info["measured_pick"]["met_budget"] else sys.stderr)
+    return result
+
+
+def _drift_checked(table: Any, correct: bool) -> Any:
+    """The table, corrected by the measured drift when asked and the drift is beyond the tolerance."""
+    from hwnas.latency.drift import check_drift, corrected
+
+    check = check_drift(table)
+    print(f"{table.path}: {check.describe()}")
+    if not check.significant:
+        return table
+    if correct:
+        print(f"  predictions scaled by {check.factor:.3f} for this search (recorded in best.json; the table is "
+              "unchanged)")
+        return corrected(table, check)
+    print(f"hwnas search: warning: {table.path}: predictions may be off by about {(check.factor - 1) * 100:+.0f} % "
+          "on this device now (--drift correct scales them; or profile again)", file=sys.stderr)
+    return table
 
 
 def _write_family(out: Path, rows: list[dict[str, Any]], evaluations: int) -> None:
@@ -233,6 +274,8 @@ def _search_one(args: argparse.Namespace, searcher: Any, space: Any, table: Any,
         "val_batches": args.val_batches, "batch_size": args.batch_size, "bn_batches": args.bn_batches,
         "bn_batch_size": args.bn_batch_size,
     }
+    if "drift" in table.meta:
+        context["latency_drift"] = table.meta["drift"]
     if args.seed_from is not None:
         context["seeded_from"] = f"{args.seed_from} ({len(seeds)} archs)"
     if args.predictor:
@@ -261,6 +304,9 @@ def _search_one(args: argparse.Namespace, searcher: Any, space: Any, table: Any,
             options["population_size"] = population
         result = searcher(space, evaluator, table, budget, **options, **_strategy_options(args))
     context["supernet_evaluations"] = evaluator.evaluations - before + int(result.info.get("supernet_evaluations") or 0)
+    if args.measure_top and result.best_row is not None:
+        result = _measured(result, table, budget, args.measure_top)
+        context["measured_pick"] = result.info["measured_pick"]
     if result.supernet_state is not None:
         context["finetuned_supernet"] = str(_save_finetuned(args.supernet, result, out))
 

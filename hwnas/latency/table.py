@@ -259,6 +259,9 @@ class LatencyTable:
         path = Path(path) if path is not None else self.path
         if path is None:
             raise ValueError("save() needs a path for a table that was not loaded from one")
+        if "drift" in self.meta:
+            raise LatencyTableError(f"{path}: not saved: this copy of the table is corrected for drift "
+                                    f"(x{self.drift_factor:.3f}); save the table it was made from")
         columns = [*COLUMNS, *[c for c in OPTIONAL_COLUMNS if c in self._rows.columns]]
         atomic_write_text(path, self._rows[columns].to_csv(index=False, float_format="%.6g"))
         atomic_write_text(meta_path_for(path), json.dumps(_jsonable(self.meta), indent=2, sort_keys=True) + "\n")
@@ -314,6 +317,26 @@ class LatencyTable:
         return self.meta["calibration"]
 
     @property
+    def drift_factor(self) -> float:
+        """How much slower (> 1) the device runs now than when the table was measured; 1 unless `with_drift`."""
+        return float((self.meta.get("drift") or {}).get("factor", 1.0))
+
+    def with_drift(self, factor: float, details: Mapping[str, Any] | None = None) -> LatencyTable:
+        """The same table predicting `factor` times its calibrated latency: the device as it runs now.
+
+        A copy, for one session: the measured rows and calibration stay as they were, and `save`
+        refuses it, so a correction for a passing state of the machine never lands in a committed
+        table. `predict_raw` (the plain block sum) is not scaled.
+        """
+        if not (math.isfinite(factor) and factor > 0):
+            raise LatencyTableError(f"drift factor must be a positive number, got {factor}")
+        meta = dict(self.meta)
+        meta["drift"] = {"factor": float(factor), **_jsonable(dict(details or {}))}
+        table = LatencyTable(self._rows, meta, self.path)
+        table._space = self._space
+        return table
+
+    @property
     def statistic(self) -> str:
         return str((self.profile_dict or {}).get("statistic") or "median")
 
@@ -336,8 +359,9 @@ class LatencyTable:
         return key in self._values
 
     def __repr__(self) -> str:
+        drift = f", drift={self.drift_factor:.3f}" if "drift" in self.meta else ""
         return (f"LatencyTable(space={self.space_name!r}, device={self.device_slug!r}, rows={len(self)}, "
-                f"calibration={self.calibration.get('kind')!r})")
+                f"calibration={self.calibration.get('kind')!r}{drift})")
 
     # ---- prediction ----------------------------------------------------------------------------------------------
     def _reset_caches(self) -> None:
@@ -346,9 +370,10 @@ class LatencyTable:
         self._slot_cache: dict[Any, Any] = {}
         self._depth_set = set(self.meta["space"].get("depth_choices", ()))
         coeffs = self.meta.get("calibration", _identity_calibration())["coefficients"]
-        self._scale = {k: float(coeffs["scale"].get(k, 1.0)) for k in KINDS}
-        self._per_block = {k: float(coeffs["per_block"].get(k, 0.0)) for k in KINDS}
-        self._intercept = float(coeffs.get("intercept", 0.0))
+        factor = self.drift_factor
+        self._scale = {k: factor * float(coeffs["scale"].get(k, 1.0)) for k in KINDS}
+        self._per_block = {k: factor * float(coeffs["per_block"].get(k, 0.0)) for k in KINDS}
+        self._intercept = factor * float(coeffs.get("intercept", 0.0))
 
     def _value(self, key: str) -> float:
         try:

@@ -1,0 +1,122 @@
+"""Does the device still run as fast as when its table was measured?
+
+The fingerprint tells whether a machine is the same model, with the same clocks, driver and
+libraries; it cannot tell whether it is as quiet. On the shared 2-vCPU development VM the committed
+ONNX Runtime table's 30 calibration subnets ran a median 12 % slower (4 % to 41 %) a few hours
+after profiling, on the same fingerprint, and a search aimed at the table's numbers then shipped
+models over budget. Re-timing a few of the calibration subnets, the same way they were timed,
+measures that factor in seconds; `LatencyTable.with_drift` then predicts for the device as it is.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hwnas.errors import LatencyTableError
+from hwnas.latency.ondevice import DEFAULT_ROUNDS, subnet_timer
+from hwnas.latency.profiler import calibration_path
+from hwnas.latency.table import LatencyTable
+from hwnas.space import Arch
+
+DEFAULT_ANCHORS = 8
+DEFAULT_TOLERANCE = 0.05  # the share of validation subnets within +-5 % is the table's figure of merit
+
+
+@dataclass
+class DriftCheck:
+    """Anchor subnets timed now against their times in the table's calibration."""
+
+    factor: float  # median of now / then: > 1 means the device is slower now
+    arch_ids: list[str]
+    then_ms: list[float]
+    now_ms: list[float]
+    seconds: float
+    tolerance: float = DEFAULT_TOLERANCE
+
+    @property
+    def ratios(self) -> list[float]:
+        return [n / t for n, t in zip(self.now_ms, self.then_ms, strict=True)]
+
+    @property
+    def significant(self) -> bool:
+        """True when the device runs more than `tolerance` faster or slower than the table says."""
+        return abs(self.factor - 1.0) > self.tolerance
+
+    def describe(self) -> str:
+        r = self.ratios
+        state = "slower" if self.factor > 1 else "faster"
+        verdict = "beyond" if self.significant else "within"
+        return (f"{len(r)} calibration subnets re-timed in {self.seconds:.1f} s run {abs(self.factor - 1) * 100:.1f} % "
+                f"{state} than when the table was measured (median ratio {self.factor:.3f}, range "
+                f"{min(r):.3f}-{max(r):.3f}; {verdict} the +-{self.tolerance * 100:.0f} % tolerance)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratios": self.ratios, "significant": self.significant}
+
+
+def anchor_archs(table: LatencyTable, n: int = DEFAULT_ANCHORS) -> list[tuple[Arch, float]]:
+    """`n` calibration subnets spread over the table's latency range, with the time recorded for each.
+
+    Spread, not random: a drift that only slows large (memory-bound) or small (overhead-bound)
+    subnets should show in the median either way.
+    """
+    if n < 1:
+        raise LatencyTableError(f"a drift check needs at least 1 anchor subnet, got {n}")
+    if table.path is None:
+        raise LatencyTableError("a drift check needs a table loaded from disk (its calibration subnets are beside it)")
+    path = calibration_path(table.path)
+    column = table.statistic_column
+    try:
+        rows = pd.read_csv(path)
+    except FileNotFoundError:
+        raise LatencyTableError(f"{path}: no calibration subnets to re-time (profile with calibration "
+                                "subnets to check drift)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise LatencyTableError(f"{path}: unreadable calibration file ({str(exc).splitlines()[0]})") from None
+    for field in ("arch", column):
+        if field not in rows.columns:
+            raise LatencyTableError(f"{path}: column '{field}' is missing")
+    rows = rows[pd.to_numeric(rows[column], errors="coerce") > 0].sort_values(column)
+    if rows.empty:
+        raise LatencyTableError(f"{path}: no calibration subnet with a positive '{column}'")
+    picks = np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).round().astype(int))
+    space = table.space
+    anchors = []
+    for i in picks:
+        row = rows.iloc[int(i)]
+        try:
+            arch = Arch.from_json(str(row["arch"]))
+            space.validate(arch)
+        except Exception as exc:  # a hand-edited or foreign file: name it
+            raise LatencyTableError(f"{path}: line {int(rows.index[int(i)]) + 2}: field 'arch' is not an arch of "
+                                    f"'{space.name}' ({exc})") from None
+        anchors.append((arch, float(row[column])))
+    return anchors
+
+
+def check_drift(table: LatencyTable, profile: Any = None, *, n: int = DEFAULT_ANCHORS,
+                rounds: int = DEFAULT_ROUNDS, tolerance: float = DEFAULT_TOLERANCE, backend: Any = None) -> DriftCheck:
+    """Time `n` of the table's calibration subnets on this machine, as the profiler did, and compare.
+
+    Refuses a table measured on another device or profile: a ratio against another machine's
+    numbers is not drift.
+    """
+    measure = subnet_timer(table, profile, rounds=rounds, backend=backend)
+    anchors = anchor_archs(table, n)
+    started = time.perf_counter()
+    now = measure([arch for arch, _ in anchors])
+    then = [t for _, t in anchors]
+    factor = float(np.median(np.asarray(now) / np.asarray(then)))
+    return DriftCheck(factor=factor, arch_ids=[a.arch_id for a, _ in anchors], then_ms=then, now_ms=now,
+                      seconds=time.perf_counter() - started, tolerance=tolerance)
+
+
+def corrected(table: LatencyTable, check: DriftCheck) -> LatencyTable:
+    """The table scaled by the measured factor (a copy; see `LatencyTable.with_drift`)."""
+    return table.with_drift(check.factor, {"anchors": len(check.arch_ids), "seconds": round(check.seconds, 2),
+                                           "range": [min(check.ratios), max(check.ratios)]})
