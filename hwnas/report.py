@@ -19,23 +19,14 @@ import numpy as np
 import pandas as pd
 
 from hwnas.fileio import atomic_write_text
+from hwnas.jsonable import jsonable
 from hwnas.search.base import SearchResult
 
 FILES = ("candidates.csv", "pareto.csv", "pareto.png", "best.json", "summary.md")
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    return jsonable(value, nonfinite_as_null=True)
 
 
 def best_record(result: SearchResult, context: Mapping[str, Any] | None = None) -> dict[str, Any]:

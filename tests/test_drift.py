@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_profiler import PROFILE_TOML, tiny_space
 from test_search import TINY, LookupAccuracy, every_arch, synthetic_table
-from test_validate import PROFILE_TOML, _identity_field, tiny_space
+from test_validate import _identity_field
 
 from hwnas.errors import HwnasError, LatencyTableError
 from hwnas.latency.backends import Timing

@@ -8,33 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_profiler import PROFILE_TOML, tiny_space
 
 from hwnas.errors import LatencyTableError
 from hwnas.latency.profiler import profile_space
 from hwnas.latency.table import LatencyTable, meta_path_for
 from hwnas.latency.validate import PARTIAL, error_figures, flops_proxy, validate_table
-from hwnas.space import SearchSpace, StageSpec
-
-PROFILE_TOML = """\
-name = "test-cpu"
-backend = "{backend}"
-precision = "fp32"
-batch_size = 1
-threads = 1
-warmup = 1
-repeats = 5
-statistic = "median"
-"""
-
-
-def tiny_space(name: str) -> SearchSpace:
-    return SearchSpace(
-        name=name, in_channels=3, num_classes=4, stem_channels=8, stem_stride=2, stem_act="hswish",
-        first_channels=8,
-        stages=(StageSpec(16, stride=2, act="relu"), StageSpec(24, stride=1, act="hswish", se=True)),
-        final_expand_channels=32, feature_channels=48, head_act="hswish",
-        kernel_choices=(3, 5), expand_choices=(2, 4), depth_choices=(1, 2), resolution_choices=(12, 16),
-    )
 
 
 def _identity_field(fp: dict) -> str:

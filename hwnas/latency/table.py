@@ -13,7 +13,7 @@ import json
 import math
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import fields, is_dataclass
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import pandas as pd
 
 from hwnas.errors import ArchError, LatencyTableError
 from hwnas.fileio import atomic_write_text
+from hwnas.jsonable import jsonable as _jsonable
 from hwnas.space import Arch, BlockSpec, SearchSpace
 
 FORMAT_VERSION = 1
@@ -43,22 +44,6 @@ MISMATCH_HINT = "pass allow_mismatch=True (CLI: --allow-mismatch) to use it anyw
 def meta_path_for(csv_path: str | Path) -> Path:
     path = Path(csv_path)
     return path.with_name(path.name.removesuffix(".csv") + ".meta.json")
-
-
-def _jsonable(value: Any) -> Any:
-    """Tuples become lists, Paths strings, dataclasses dicts: what a JSON round trip would give."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(value.to_dict() if hasattr(value, "to_dict") else {f.name: getattr(value, f.name)
-                                                                           for f in fields(value)})
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def git_commit() -> str | None:
