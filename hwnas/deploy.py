@@ -79,6 +79,8 @@ class DeployReport:
     measured_artifact: str | None = None
     measured_rounds_ms: list[float] = field(default_factory=list)  # each round's statistic; the lowest is kept
     table: str | None = None
+    table_drift: float | None = None  # the factor the prediction was scaled by (hwnas search --drift correct)
+    drift_when_over: float | None = None  # over budget: the table's calibration subnets, re-timed now / then
     engine_path: str | None = None
     engine_settings: str | None = None
     warnings: list[str] = field(default_factory=list)
@@ -194,6 +196,31 @@ def _timer(profile: DeviceProfile, module: nn.Module, onnx_path: Path, input_sha
     return (lambda: backend.time_module(module, input_shape)), f"torch module ({profile.backend})"
 
 
+def _drift_now(table: LatencyTable | None, profile: DeviceProfile) -> float | None:
+    """Over budget on the table's own device: how much slower it runs the table's calibration subnets now.
+
+    Tells a device that slowed down since profiling (re-profile, or search with --drift correct)
+    from a table that is wrong for this arch. None where it cannot be told (another device, no
+    calibration subnets).
+    """
+    if table is None or table.path is None:
+        return None
+    from hwnas.latency.drift import check_drift
+
+    try:
+        return check_drift(table, profile).factor
+    except HwnasError:
+        return None
+
+
+def _drift_note(factor: float | None, table: LatencyTable | None) -> str:
+    if factor is None or table is None:
+        return ""
+    assumed = f" (the prediction assumed {table.drift_factor:.2f}x)" if "drift" in table.meta else ""
+    return (f"; this device runs the table's calibration subnets at {factor:.2f}x their profiled time now"
+            f"{assumed}: 'hwnas latency drift', or search with --drift correct")
+
+
 def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Dataset | None = None,
            settings: EvalSettings = EvalSettings(), profile: DeviceProfile | None = None,
            table: LatencyTable | None = None, budget_ms: float | None = None, search_accuracy: float | None = None,
@@ -279,6 +306,7 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
         val_accuracy=val_acc, search_accuracy=search_accuracy, test_accuracy_torch=test_acc,
         test_accuracy_ort=ort_acc, predicted_ms=predicted, budget_ms=budget_ms,
         table=str(table.path) if table is not None and table.path else None,
+        table_drift=table.drift_factor if table is not None and "drift" in table.meta else None,
         engine_path=str(engine_path) if engine_path else None,
         engine_settings=str(settings_path) if settings_path else None)
 
@@ -299,9 +327,11 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
             line += f", budget {budget_ms:g} ms"
         log(line)
         if report.over_budget:
+            report.drift_when_over = _drift_now(table, profile)
             warnings.append(f"measured latency {report.measured_ms:.4g} ms is OVER the budget of {budget_ms:g} ms "
                             f"({report.measured_ms / budget_ms:.3f}x); predicted was "
-                            f"{'n/a' if predicted is None else f'{predicted:.4g} ms'}")
+                            f"{'n/a' if predicted is None else f'{predicted:.4g} ms'}"
+                            + _drift_note(report.drift_when_over, table))
     report.warnings = warnings
     for w in warnings:
         log(f"  WARNING: {w}")

@@ -245,6 +245,15 @@ def test_drift_correct_and_measure_top_time_real_subnets_on_this_device(setup: S
     assert code == 0, err
     report = json.loads((tmp_path / "export" / "deploy.json").read_text())
     assert report["predicted_ms"] == pytest.approx(best["predicted_latency_ms"]) and "prediction scaled by" in printed
+    assert report["table_drift"] == pytest.approx(factor)
+    # timed over a budget nothing meets: the warning says how fast the device runs the table's subnets now
+    code, printed, err = run_cli(["export", "--supernet", str(setup.supernet), "--arch", str(out / "best.json"),
+                                  "--data", "none", "--profile", "cpu-onnxruntime", "--budget-ms", "1e-6",
+                                  "--out", str(tmp_path / "over")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "over" / "deploy.json").read_text())
+    assert report["measured_ms"] > 1e-6 and report["drift_when_over"] > 0
+    assert any("OVER the budget" in w and "calibration subnets at" in w for w in report["warnings"])
 
     # the synthetic table of setup records no profile: nothing to time it with, said in one line
     code, _, err = run_cli(setup.args(budget, tmp_path / "none", "--measure-top", "2"), capsys)

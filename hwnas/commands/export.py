@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add("--opset", type=int, default=17, help="ONNX opset (17: ONNX Runtime >= 1.11, TensorRT >= 8.6)")
     add("--no-simplify", dest="simplify", action="store_false",
         help="keep the graph as torch exported it (by default onnxslim simplifies it when parity holds)")
-    add("--profile", type=Path, help="device profile (profiles/X.toml) to time the exported artifact on")
+    add("--profile", help="device profile (a name in profiles/, or a TOML file) to time the exported artifact on")
     add("--table", type=Path, help="latency table for the prediction (default: the one the search used)")
     add("--budget-ms", type=float, help="latency budget to check against (default: the search's)")
     add("--data", help="dataset for BN re-estimation and accuracy (default: the checkpoint's); 'none' to skip")
