@@ -104,8 +104,8 @@ def test_a_missing_or_broken_calibration_file_is_named(table_path, tmp_path) -> 
 def test_drift_is_the_speed_change_of_the_device(table_path, speed, factor, significant) -> None:
     table = LatencyTable.load(table_path)
     device = FixedSpeedDevice(speed)
-    check = check_drift(table, n=4, rounds=2, backend=device)
-    assert device.calls == 4 * 2
+    check = check_drift(table, n=4, rounds=2, backend=device, pause_s=0.0)
+    assert device.calls == 4 * 2 * (2 if significant else 1) and check.passes == (2 if significant else 1)
     assert check.factor == pytest.approx(factor, rel=1e-6) and check.significant is significant
     assert np.allclose(check.ratios, factor, rtol=1e-6)
     assert ("slower" if factor > 1 else "faster") in check.describe() or factor == 1.0
@@ -200,3 +200,27 @@ def test_measured_pick_keeps_the_fastest_and_says_so_when_none_meets_the_budget(
         measured_pick(result, lambda archs: [], budget, top_k=0)
     with pytest.raises(HwnasError, match="returned 0 timings for 3 archs"):
         measured_pick(result, lambda archs: [], budget, top_k=3)
+
+
+class SlowSpell(FixedSpeedDevice):
+    """A device 1.7x slower during its first `calls` timings, then back at its profiled speed."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__(1.0)
+        self.slow_calls = calls
+
+    def time_module(self, module, input_shape) -> Timing:
+        timing = super().time_module(module, input_shape)
+        if self.calls > self.slow_calls:
+            return timing
+        t = 1.7 * timing.median_ms
+        return Timing(median_ms=t, p10_ms=t, p90_ms=t, mean_ms=t, n=1, min_ms=t)
+
+
+def test_a_slow_spell_during_the_first_pass_is_not_taken_for_drift(table_path) -> None:
+    table = LatencyTable.load(table_path)
+    check = check_drift(table, n=4, rounds=2, backend=SlowSpell(calls=8), pause_s=0.0)
+    assert check.passes == 2 and check.factor == pytest.approx(1.0) and not check.significant
+    assert "twice" in check.describe()
+    lasting = check_drift(table, n=4, rounds=2, backend=SlowSpell(calls=100), pause_s=0.0)
+    assert lasting.passes == 2 and lasting.factor == pytest.approx(1.7) and lasting.significant

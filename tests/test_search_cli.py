@@ -258,3 +258,17 @@ def test_drift_correct_and_measure_top_time_real_subnets_on_this_device(setup: S
     # the synthetic table of setup records no profile: nothing to time it with, said in one line
     code, _, err = run_cli(setup.args(budget, tmp_path / "none", "--measure-top", "2"), capsys)
     assert code == 2 and "records no profile" in one_line(err)
+
+
+def test_margin_searches_under_a_guard_band_and_keeps_the_budget_for_the_export(setup: Setup, tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture) -> None:
+    budget = setup.low + 0.5 * (setup.high - setup.low)
+    out = tmp_path / "guarded"
+    code, printed, err = run_cli(setup.args(budget, out, "--margin", "0.2"), capsys)
+    assert code == 0, err
+    best = json.loads((out / "best.json").read_text())
+    assert best["budget_ms"] == budget and best["search_budget_ms"] == pytest.approx(0.8 * budget)
+    assert best["predicted_latency_ms"] <= 0.8 * budget and "margin 0.2" in printed
+    assert (pd.read_csv(out / "candidates.csv")["latency_ms"] <= 0.8 * budget).all()
+    code, _, err = run_cli(setup.args(budget, tmp_path / "bad", "--margin", "0.5"), capsys)
+    assert code == 2 and "--margin is a fraction of the budget in [0, 0.5)" in one_line(err)

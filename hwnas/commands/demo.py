@@ -44,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add("--queries", type=int, default=48, help="supernet evaluations of the search (default: %(default)s)")
     add("--val-images", type=int, default=1000,
         help="validation images per evaluation in the search (default: %(default)s)")
+    add("--margin", type=float, default=0.0,
+        help="guard band: search under budget x (1 - MARGIN) (default: %(default)s)")
     add("--measure-top", type=int, default=5, metavar="K",
         help="time the K most accurate in-budget candidates here and keep the best one timed within the budget "
              "(0: trust the table; default: %(default)s)")
@@ -111,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.quiet
     if args.queries < 4 or args.measure_top < 0:
         raise HwnasError(f"--queries must be >= 4 and --measure-top >= 0, got {args.queries} and {args.measure_top}")
+    if not 0.0 <= args.margin < 0.5:
+        raise HwnasError(f"--margin is a fraction of the budget in [0, 0.5), got {args.margin}")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     space = spaces.get(SPACE)
@@ -148,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         budget = float(args.budget_ms)
         print(f"  {budget:g} ms (given); feasible {feasible.describe()}")
+    target = budget * (1 - args.margin)
+    if args.margin:
+        check_budget(space, table, target, seed=args.seed)
+        print(f"  searched under {target:.4g} ms: a margin of {args.margin:g} for the table's error and this "
+              "device's noise")
 
     print(f"[4/5] search: constrained evolution, {args.queries} supernet evaluations on {args.val_images} "
           "validation images")
@@ -156,13 +165,13 @@ def run(args: argparse.Namespace) -> int:
     evaluator = SupernetEvaluator(supernet, dataset.val, dataset.train, batch_size=settings.batch_size,
                                   max_batches=settings.val_batches, bn_batches=settings.bn_batches,
                                   bn_batch_size=settings.bn_batch_size, device="cpu", seed=args.seed)
-    result = evolution_search(space, evaluator, table, budget, queries=args.queries,
+    result = evolution_search(space, evaluator, table, target, queries=args.queries,
                               population_size=max(4, min(16, args.queries // 3)), seed=args.seed, progress=progress)
     if result.best_row is not None and args.measure_top:
         from hwnas.latency.ondevice import subnet_timer
         from hwnas.search.measured import describe_pick, measured_pick
 
-        result = measured_pick(result, subnet_timer(table), budget, top_k=args.measure_top)
+        result = measured_pick(result, subnet_timer(table), target, top_k=args.measure_top)
         print(f"  {describe_pick(result)}")
     context = {"supernet": str(ckpt), "table": str(table.path), "device_slug": table.device_slug,
                "dataset": args.data, "validation_images": evaluator.images, "val_size": 5000,
@@ -170,12 +179,14 @@ def run(args: argparse.Namespace) -> int:
                "bn_batches": settings.bn_batches, "bn_batch_size": settings.bn_batch_size}
     if "drift" in table.meta:
         context["latency_drift"] = table.meta["drift"]
+    if args.margin:
+        context.update(budget_ms=budget, margin=args.margin, search_budget_ms=target)
     if "measured_pick" in result.info:
         context["measured_pick"] = result.info["measured_pick"]
     write_report(result, out / "search", context)
     row = result.best_row
     if row is None:
-        raise HwnasError(f"the search found no subnet within {budget:g} ms")
+        raise HwnasError(f"the search found no subnet within {target:g} ms")
     best = result.best
     print(f"  best {row['arch_id']}: predicted {row['latency_ms']:.4g} ms, validation accuracy "
           f"{row['accuracy']:.2f} % ({len(result.candidates)} candidates; {out / 'search'})")

@@ -84,6 +84,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add("--force", action="store_true", help="overwrite a run directory that holds an earlier search")
     add("--seed", type=int, default=0, help="(default: %(default)s)")
     add("--allow-mismatch", action="store_true", help="use a table measured for another space spec anyway")
+    add("--margin", type=float, default=0.0,
+        help="guard band: search under budget x (1 - MARGIN), e.g. 0.05 to keep 5 %% of the budget for the table's "
+             "error and the device's noise; the budget itself is what best.json and the export check against "
+             "(default: %(default)s)")
     add("--measure-top", type=int, default=0, metavar="K",
         help="on the table's own device: time the K most accurate in-budget candidates end to end at the end and "
              "return the most accurate one timed within the budget (0: off; default: %(default)s)")
@@ -128,6 +132,8 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < (2 if name == "population" else 1):
             raise HwnasError(f"--{name.replace('_', '-')} is too small: {value}")
+    if not 0.0 <= args.margin < 0.5:
+        raise HwnasError(f"--margin is a fraction of the budget in [0, 0.5), got {args.margin}")
     if args.measure_top < 0:
         raise HwnasError(f"--measure-top must be >= 0, got {args.measure_top}")
     if args.confirm is not None and not 1 <= args.confirm < args.queries:
@@ -165,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         tables = [_drift_checked(table, args.drift == "correct") for table in tables]
     for table in tables:
         for budget in budgets:  # every infeasible pair is refused before any evaluation
-            check_budget(space, table, budget, seed=args.seed)
+            check_budget(space, table, budget * (1 - args.margin), seed=args.seed)
     seeds = read_seed_population(args.seed_from, space) if args.seed_from is not None else []
     default = f"{args.strategy}-family-seed{args.seed}" if family else \
         f"{args.strategy}-{budgets[0]:g}ms-seed{args.seed}"
@@ -262,8 +268,10 @@ def _search_one(args: argparse.Namespace, searcher: Any, space: Any, table: Any,
                 seeds: list[Any], out: Path, data_spec: str) -> Any:
     from hwnas.search import check_budget, confirm, random_search
 
+    user_budget, budget = budget, budget * (1 - args.margin)  # the search aims under the guard band
     feasible = check_budget(space, table, budget, seed=args.seed)
-    print(f"space {space.name}: predicted latency {feasible.describe()}; budget {budget:g} ms")
+    guard = f" (searched under {budget:.4g} ms: margin {args.margin:g})" if args.margin else ""
+    print(f"space {space.name}: predicted latency {feasible.describe()}; budget {user_budget:g} ms{guard}")
     if budget >= feasible.high_ms:
         print("  (every subnet is within the budget: the search is unconstrained)")
     before = evaluator.evaluations
@@ -276,6 +284,8 @@ def _search_one(args: argparse.Namespace, searcher: Any, space: Any, table: Any,
     }
     if "drift" in table.meta:
         context["latency_drift"] = table.meta["drift"]
+    if args.margin:
+        context.update(budget_ms=user_budget, margin=args.margin, search_budget_ms=budget)
     if args.seed_from is not None:
         context["seeded_from"] = f"{args.seed_from} ({len(seeds)} archs)"
     if args.predictor:
@@ -320,7 +330,7 @@ def _search_one(args: argparse.Namespace, searcher: Any, space: Any, table: Any,
         print(f"best arch {row['arch_id']} ({args.strategy}, {evaluator.evaluations - before} supernet "
               "evaluations):")
         print(f"  {json.dumps(json.loads(row['arch']))}")
-        print(f"  predicted latency {row['latency_ms']:.4g} ms (budget {budget:g} ms), "
+        print(f"  predicted latency {row['latency_ms']:.4g} ms (budget {user_budget:g} ms{guard}), "
               f"validation accuracy {row[result.metric]:.2f} %")
     print(f"wrote {out}/: " + ", ".join(p.name for p in files.values()))
     print(f"  best:    {files['best.json']}")
