@@ -104,7 +104,7 @@ def anchor_archs(table: LatencyTable, n: int = DEFAULT_ANCHORS) -> list[tuple[Ar
 
 def check_drift(table: LatencyTable, profile: Any = None, *, n: int = DEFAULT_ANCHORS,
                 rounds: int = DEFAULT_ROUNDS, tolerance: float = DEFAULT_TOLERANCE, backend: Any = None,
-                pause_s: float = 1.0) -> DriftCheck:
+                pause_s: float = 3.0) -> DriftCheck:
     """Time `n` of the table's calibration subnets on this machine, as the profiler did, and compare.
 
     The table holds the device's quiet speed (the quietest of interleaved rounds), so the check
