@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_profiler import PROFILE_TOML, tiny_space
 from test_search import TINY, LookupAccuracy, every_arch, synthetic_table
-from test_validate import _identity_field
+from test_validate import foreign_copy, profiled_tiny_table
 
 from hwnas.errors import HwnasError, LatencyTableError
 from hwnas.latency.backends import Timing
 from hwnas.latency.drift import anchor_archs, check_drift, corrected
-from hwnas.latency.profiler import calibration_path, profile_space
+from hwnas.latency.profiler import calibration_path
 from hwnas.latency.table import LatencyTable, meta_path_for
 from hwnas.search import evolution_search
 from hwnas.search.measured import MEASURED_COLUMN, describe_pick, measured_pick
@@ -45,11 +44,8 @@ class FixedSpeedDevice:
 @pytest.fixture(scope="module")
 def table_path(tmp_path_factory) -> Path:
     """A table of a tiny space with 6 calibration subnets, measured on the fixed-speed device."""
-    root = tmp_path_factory.mktemp("drift")
-    profile = root / "test-ort.toml"
-    profile.write_text(PROFILE_TOML.format(backend="onnxruntime-cpu"))
-    return profile_space(tiny_space("tiny-drift"), profile, root / "tables", calibration_subnets=6, rounds=1,
-                         progress=False, backend=FixedSpeedDevice())
+    return profiled_tiny_table(tmp_path_factory.mktemp("drift"), "tiny-drift", "onnxruntime-cpu", 6,
+                               FixedSpeedDevice())
 
 
 # ---- the table, scaled ---------------------------------------------------------------------------------------
@@ -117,13 +113,7 @@ def test_drift_is_the_speed_change_of_the_device(table_path, speed, factor, sign
 
 
 def test_drift_refuses_a_table_of_another_device(table_path, tmp_path) -> None:
-    meta = json.loads(meta_path_for(table_path).read_text())
-    field = _identity_field(meta["fingerprint"])
-    meta["fingerprint"][field] = "Another Device 1234"
-    foreign = tmp_path / table_path.name
-    foreign.write_text(table_path.read_text())
-    meta_path_for(foreign).write_text(json.dumps(meta))
-    calibration_path(foreign).write_text(calibration_path(table_path).read_text())
+    foreign = foreign_copy(table_path, tmp_path)
     with pytest.raises(LatencyTableError, match=rf"{foreign}.*Another Device 1234"):
         check_drift(LatencyTable.load(foreign), backend=FixedSpeedDevice())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,13 +27,31 @@ def _identity_field(fp: dict) -> str:
     raise AssertionError(f"no identity field in {sorted(fp)}")
 
 
+def profiled_tiny_table(root: Path, name: str, backend: str, calibration_subnets: int, timer: Any = None) -> Path:
+    """A tiny space profiled in a second or two with the test profile on `backend` (or on `timer`)."""
+    profile = root / f"{name}.toml"
+    profile.write_text(PROFILE_TOML.format(backend=backend))
+    return profile_space(tiny_space(name), profile, root / "tables", calibration_subnets=calibration_subnets,
+                         rounds=1, progress=False, backend=timer)
+
+
+def foreign_copy(table_path: Path, directory: Path) -> Path:
+    """The table (and its calibration subnets) copied into `directory`, claimed for another device."""
+    from hwnas.latency.profiler import calibration_path
+
+    meta = json.loads(meta_path_for(table_path).read_text())
+    meta["fingerprint"][_identity_field(meta["fingerprint"])] = "Another Device 1234"
+    foreign = directory / table_path.name
+    foreign.write_text(table_path.read_text())
+    meta_path_for(foreign).write_text(json.dumps(meta))
+    if calibration_path(table_path).is_file():
+        calibration_path(foreign).write_text(calibration_path(table_path).read_text())
+    return foreign
+
+
 @pytest.fixture(scope="module")
 def table_path(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("validate")
-    profile = root / "test-torch.toml"
-    profile.write_text(PROFILE_TOML.format(backend="torch-cpu"))
-    return profile_space(tiny_space("tiny-val"), profile, root / "tables", calibration_subnets=4, rounds=1,
-                         progress=False)
+    return profiled_tiny_table(tmp_path_factory.mktemp("validate"), "tiny-val", "torch-cpu", 4)
 
 
 def test_error_figures_on_known_numbers() -> None:
@@ -73,12 +92,7 @@ def test_validate_scores_out_of_sample_subnets_and_writes_files(table_path, tmp_
 
 
 def test_validate_refuses_a_table_from_another_device(table_path, tmp_path) -> None:
-    meta = json.loads(meta_path_for(table_path).read_text())
-    field = _identity_field(meta["fingerprint"])
-    meta["fingerprint"][field] = "Another Device 1234"
-    foreign = tmp_path / table_path.name
-    foreign.write_text(table_path.read_text())
-    meta_path_for(foreign).write_text(json.dumps(meta))
+    foreign = foreign_copy(table_path, tmp_path)
     with pytest.raises(LatencyTableError, match=rf"{foreign}.*Another Device 1234.*allow_mismatch=True"):
         validate_table(foreign, n=3, rounds=1)
     report = validate_table(foreign, n=3, rounds=1, allow_mismatch=True)
