@@ -82,8 +82,8 @@ def find_table(space: Any, profile: Any, out: Path, progress: bool) -> tuple[Any
 def drift_corrected(table: Any) -> Any:
     """A committed table re-checked on this machine, scaled when the machine runs faster or slower now.
 
-    The fingerprint matched, but a shared VM's speed wanders by more than the table's error (12-50 %
-    within a day on the development VM); the demo's budget is checked against the device as it is.
+    The fingerprint matched, but a shared VM's speed wanders by more than the table's error (up to 14 %,
+    once 50 %, within a day on the development VM); the demo's budget is checked against the device as it is.
     """
     from hwnas.latency.drift import check_drift, corrected
 
