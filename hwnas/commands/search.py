@@ -205,9 +205,10 @@ def _measured(result: Any, table: Any, budget: float, top_k: int) -> Any:
     from hwnas.search.measured import describe_pick, measured_pick
 
     result = measured_pick(result, subnet_timer(table), budget, top_k=top_k)
-    line = describe_pick(result)
-    print(line if result.info["measured_pick"]["met_budget"] else f"hwnas search: warning: {line}",
-          file=sys.stdout if result.info["measured_pick"]["met_budget"] else sys.stderr)
+    if result.info["measured_pick"]["met_budget"]:
+        print(describe_pick(result))
+    else:
+        print(f"hwnas search: warning: {describe_pick(result)}", file=sys.stderr)
     return result
 
 
