@@ -218,7 +218,7 @@ def _drift_now(table: LatencyTable | None, profile: DeviceProfile) -> float | No
 def _drift_note(factor: float | None, table: LatencyTable | None) -> str:
     if factor is None or table is None:
         return ""
-    assumed = f" (the prediction assumed {table.drift_factor:.2f}x)" if "drift" in table.meta else ""
+    assumed = f" (the prediction assumed {table.drift_factor:.2f}x)" if table.drifted else ""
     return (f"; this device runs the table's calibration subnets at {factor:.2f}x their profiled time now"
             f"{assumed}: 'hwnas latency drift', or search with --drift correct")
 
@@ -308,7 +308,7 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
         val_accuracy=val_acc, search_accuracy=search_accuracy, test_accuracy_torch=test_acc,
         test_accuracy_ort=ort_acc, predicted_ms=predicted, budget_ms=budget_ms,
         table=str(table.path) if table is not None and table.path else None,
-        table_drift=table.drift_factor if table is not None and "drift" in table.meta else None,
+        table_drift=table.drift_factor if table is not None and table.drifted else None,
         engine_path=str(engine_path) if engine_path else None,
         engine_settings=str(settings_path) if settings_path else None)
 

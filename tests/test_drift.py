@@ -58,6 +58,7 @@ def test_with_drift_scales_every_prediction_and_leaves_the_table_alone(table_pat
     assert slower.predict_raw(archs[0]) == table.predict_raw(archs[0])  # the measured sum is what it was
     assert np.allclose(slower.latency_range(), 1.25 * np.asarray(table.latency_range()))
     assert table.drift_factor == 1.0 and slower.drift_factor == 1.25 and "drift" not in table.meta
+    assert slower.drifted and not table.drifted
     assert "drift=1.250" in repr(slower)
     with pytest.raises(LatencyTableError, match=r"not saved.*drift \(x1\.250\)"):
         slower.save(tmp_path / "t.csv")

@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                "dataset": args.data, "validation_images": evaluator.images, "val_size": 5000,
                "val_batches": settings.val_batches, "batch_size": settings.batch_size,
                "bn_batches": settings.bn_batches, "bn_batch_size": settings.bn_batch_size}
-    if "drift" in table.meta:
+    if table.drifted:
         context["latency_drift"] = table.meta["drift"]
     if args.margin:
         context.update(budget_ms=budget, margin=args.margin, search_budget_ms=target)

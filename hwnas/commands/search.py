@@ -283,7 +283,7 @@ def _search_one(args: argparse.Namespace, searcher: Any, space: Any, table: Any,
         "val_batches": args.val_batches, "batch_size": args.batch_size, "bn_batches": args.bn_batches,
         "bn_batch_size": args.bn_batch_size,
     }
-    if "drift" in table.meta:
+    if table.drifted:
         context["latency_drift"] = table.meta["drift"]
     if args.margin:
         context.update(budget_ms=user_budget, margin=args.margin, search_budget_ms=budget)

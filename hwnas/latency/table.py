@@ -244,7 +244,7 @@ class LatencyTable:
         path = Path(path) if path is not None else self.path
         if path is None:
             raise ValueError("save() needs a path for a table that was not loaded from one")
-        if "drift" in self.meta:
+        if self.drifted:
             raise LatencyTableError(f"{path}: not saved: this copy of the table is corrected for drift "
                                     f"(x{self.drift_factor:.3f}); save the table it was made from")
         columns = [*COLUMNS, *[c for c in OPTIONAL_COLUMNS if c in self._rows.columns]]
@@ -302,6 +302,11 @@ class LatencyTable:
         return self.meta["calibration"]
 
     @property
+    def drifted(self) -> bool:
+        """Made by `with_drift`: predictions for the device as it ran in this session, not as profiled."""
+        return "drift" in self.meta
+
+    @property
     def drift_factor(self) -> float:
         """How much slower (> 1) the device runs now than when the table was measured; 1 unless `with_drift`."""
         return float((self.meta.get("drift") or {}).get("factor", 1.0))
@@ -344,7 +349,7 @@ class LatencyTable:
         return key in self._values
 
     def __repr__(self) -> str:
-        drift = f", drift={self.drift_factor:.3f}" if "drift" in self.meta else ""
+        drift = f", drift={self.drift_factor:.3f}" if self.drifted else ""
         return (f"LatencyTable(space={self.space_name!r}, device={self.device_slug!r}, rows={len(self)}, "
                 f"calibration={self.calibration.get('kind')!r}{drift})")
 
