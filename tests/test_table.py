@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -210,3 +211,11 @@ def test_calibration_of_unknown_kind_is_refused() -> None:
     table = synthetic_table(tiny_space())
     with pytest.raises(LatencyTableError, match="unknown calibration kind 'cubic'"):
         table.fit_calibration([(tiny_space().smallest(), 1.0)], kind="cubic")
+
+
+def test_a_calibration_file_passed_as_the_table_names_its_table(tmp_path) -> None:
+    csv, _ = _saved(tmp_path)
+    calibration = csv.with_name("dev__p.calibration.csv")  # what `--table dir/*p*.csv` picks first
+    calibration.write_text("arch_id,measured_ms\n")
+    with pytest.raises(LatencyTableError, match=rf"calibration file of the table {re.escape(str(csv))}; pass that"):
+        LatencyTable.load(calibration)

@@ -226,6 +226,9 @@ class LatencyTable:
         if not path.is_file():
             raise LatencyTableError(f"{path}: no such latency table")
         if not meta_path.is_file():
+            owner = path.with_name(path.name.removesuffix(".calibration.csv") + ".csv")
+            if path.name.endswith(".calibration.csv") and owner.is_file():  # a shell glob's first match
+                raise LatencyTableError(f"{path}: this is the calibration file of the table {owner}; pass that")
             raise LatencyTableError(f"{meta_path}: metadata file missing (expected beside {path.name})")
         meta = _read_meta(meta_path)
         rows = _read_rows(path)
