@@ -36,6 +36,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -469,8 +470,6 @@ def _to_cpu(obj: Any) -> Any:
 
 def _bar_interval() -> float:
     """Seconds between bar redraws: often on a terminal, rarely into a log file (each redraw is a line there)."""
-    import sys
-
     return 0.2 if sys.stderr.isatty() else 10.0
 
 
@@ -609,6 +608,10 @@ def _plan_epochs(space: SearchSpace, dataset: Dataset, config: TrainConfig, d: _
         tdist.broadcast(estimate, 0)
     fit, epoch_seconds = int(estimate[0].item()), float(estimate[1].item())
     epochs = max(1, min(config.epochs, fit))
+    if fit < 1 and d.main:
+        print(f"hwnas train: warning: one epoch takes about {epoch_seconds:.0f} s here, more than the "
+              f"{seconds:.0f} s time budget; training one anyway (--steps-per-epoch or --train-subset shorten "
+              "an epoch)", file=sys.stderr, flush=True)
     if verbose:
         print(f"time budget {seconds:.0f} s: {epochs} epoch(s) of at most {config.epochs} "
               f"(probe: {step_seconds * 1e3:.1f} ms/step x {probe.steps_per_epoch} steps + {eval_seconds:.1f} s "

@@ -212,8 +212,8 @@ def test_cli_trains_writes_checkpoint_and_log_and_says_where(tmp_path: Path, cap
     code = main(["train", "--space", "mbv3-32", "--epochs", "1", "--batch-size", "8", "--steps-per-epoch", "2",
                  "--num-sampled", "0", "--train-subset", "64", "--val-size", "64", "--bn-batches", "1",
                  "--device", "cpu", "--out", str(out), "--quiet"])
-    printed = capsys.readouterr().out
-    assert code == 0
+    printed, err = capsys.readouterr()
+    assert code == 0 and "--warmup-epochs 2 covers all 1 epoch(s)" in err  # the default warm-up, one epoch
     assert f"wrote {out / 'supernet.pt'}" in printed and f"log:    {out / 'train_log.csv'}" in printed
     lines = (out / "train_log.csv").read_text().splitlines()
     assert lines[0].split(",") == list(LOG_COLUMNS) and len(lines) == 2
@@ -232,9 +232,11 @@ def test_cli_defaults_are_the_train_config_defaults_and_help_has_an_example(caps
     assert "hwnas train --space mbv3-32 --data fashion-mnist --epochs 40" in capsys.readouterr().out
 
 
-def test_time_budget_caps_epochs_and_a_resume_keeps_the_planned_epochs(tmp_path: Path, tiny: Dataset) -> None:
+def test_time_budget_caps_epochs_and_a_resume_keeps_the_planned_epochs(tmp_path: Path, tiny: Dataset,
+                                                                       capsys: pytest.CaptureFixture) -> None:
     config = tiny_config(epochs=5, steps_per_epoch=2, num_sampled=0)
     path = train_supernet(SPACE, tiny, config, tmp_path, progress=False, time_budget=1.0)  # fits no epoch: 1
+    assert "s time budget; training one anyway" in capsys.readouterr().err
     state = load_checkpoint(path)
     assert state["train_config"]["epochs"] == 1 and len(state["history"]) == 1 and state["complete"]
     before = path.read_bytes()

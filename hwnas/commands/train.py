@@ -82,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add("--bn-batches", type=int, default=DEFAULTS["bn_batches"],
         help="training batches that re-estimate BN before each evaluation (default: %(default)s)")
     add("--train-subset", type=int, default=None, metavar="N", help="train on N random training images only")
-    add("--no-collapse-check", dest="collapse_check", action="store_true",
+    add("--no-collapse-check", dest="no_collapse_check", action="store_true",
         help="do not stop when validation accuracy collapses")
     add("--time-budget", type=float, default=None, metavar="SECONDS",
         help="train as many epochs (at most --epochs) as fit in SECONDS, timed on a few probe steps first, "
@@ -105,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         augment=args.augment, grad_clip=args.grad_clip, amp=args.amp, amp_dtype=args.amp_dtype,
         channels_last=args.channels_last, kernel_transform=args.kernel_transform, seed=args.seed,
         steps_per_epoch=args.steps_per_epoch, log_every=args.log_every, val_batches=args.val_batches,
-        bn_batches=args.bn_batches, collapse_drop=None if args.collapse_check else 15.0, device=args.device)
+        bn_batches=args.bn_batches, collapse_drop=None if args.no_collapse_check else 15.0, device=args.device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     from hwnas.train import LOG_NAME, TrainingInterrupted, train_supernet
 
     config = config_from_args(args).check()
+    if config.warmup_epochs >= config.epochs and int(os.environ.get("RANK", "0")) == 0:
+        print(f"hwnas train: warning: --warmup-epochs {config.warmup_epochs:g} covers all {config.epochs} epoch(s): "
+              "the learning rate rises until the last step and never decays", file=sys.stderr)
     dataset = load_dataset(args.data, val_size=args.val_size, seed=0)
     if args.train_subset is not None:
         spec = f"{dataset.spec} (train subset {args.train_subset}, seed 0)"
