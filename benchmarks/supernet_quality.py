@@ -62,7 +62,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bn-batches", type=int, default=None,
                         help="training batches for BN re-estimation (default: the checkpoint's bn_batches)")
     parser.add_argument("--seed", type=int, default=2024, help="seed of the random subnets")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.random < 0:
+        parser.error(f"--random must be >= 0, got {args.random}")
+    if args.scratch_archs is not None and not 0 <= args.scratch_archs <= args.random + 2:
+        parser.error(f"--scratch-archs must lie in 0..{args.random + 2} (largest, smallest and the --random "
+                     f"{args.random}), got {args.scratch_archs}")
+    for name in ("scratch_epochs", "bn_batches"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
 
 
 def _base_spec(spec: str) -> str:
@@ -156,7 +165,8 @@ def run(args: argparse.Namespace, rank: int, world: int) -> int:
     dataset = load_dataset(spec, val_size=5000, seed=0)
     device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     bn_batches = args.bn_batches or recipe.bn_batches
-    k = args.scratch_archs if args.scratch_archs is not None else (8 if device.type == "cuda" else 3)
+    default_k = min(8 if device.type == "cuda" else 3, args.random + 2)
+    k = args.scratch_archs if args.scratch_archs is not None else default_k
     archs = pick_archs(space, args.random, args.seed)
     scratch_archs = scratch_choice(space, archs, k)
     scratch_config = dataclasses.replace(recipe, device=args.device, epochs=args.scratch_epochs or recipe.epochs)
@@ -196,8 +206,9 @@ def run(args: argparse.Namespace, rank: int, world: int) -> int:
         "scratch_epochs": scratch_config.epochs, "eval_seconds": eval_seconds,
         "largest_test": float(subnets.loc[subnets.name == "largest", "inherited_test"].iloc[0]),
         "smallest_test": float(subnets.loc[subnets.name == "smallest", "inherited_test"].iloc[0]),
-        "random_test_mean": float(subnets.loc[subnets.name.str.startswith("random"), "inherited_test"].mean()),
     }
+    if args.random:
+        summary["random_test_mean"] = float(subnets.loc[subnets.name.str.startswith("random"), "inherited_test"].mean())
     if len(scratch):
         scratch = scratch.drop(columns=["config", "arch"]).merge(
             subnets[["arch_id", "mflops", "resolution", "inherited_val", "inherited_test"]], on="arch_id")
@@ -225,6 +236,15 @@ def _check(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+def _epochs_note(summary: dict[str, Any]) -> str:
+    scratch, supernet = summary["scratch_epochs"], summary["supernet_epochs"]
+    if scratch < supernet:
+        return f"{scratch} epochs, FEWER than the supernet's {supernet}: unfair to the stand-alone networks"
+    if scratch > supernet:
+        return f"{scratch} epochs, MORE than the supernet's {supernet}: unfair to the supernet"
+    return f"{scratch} epochs, as the supernet"
+
+
 def render(subnets: pd.DataFrame, scratch: pd.DataFrame, summary: dict[str, Any]) -> str:
     lines = [f"# Supernet quality: {summary['checkpoint']}", "",
              f"{summary['space']} on {summary['dataset']} (test split); BN re-estimated on "
@@ -236,12 +256,11 @@ def render(subnets: pd.DataFrame, scratch: pd.DataFrame, summary: dict[str, Any]
     lines += ["", f"- largest: {summary['largest_test']:.2f} % (goal >= {GOAL_LARGEST}: "
                   f"{_check(summary['largest_test'] >= GOAL_LARGEST)})",
               f"- smallest: {summary['smallest_test']:.2f} % (goal >= {GOAL_SMALLEST}: "
-              f"{_check(summary['smallest_test'] >= GOAL_SMALLEST)})",
-              f"- random subnets: mean {summary['random_test_mean']:.2f} %"]
+              f"{_check(summary['smallest_test'] >= GOAL_SMALLEST)})"]
+    if "random_test_mean" in summary:
+        lines.append(f"- random subnets: mean {summary['random_test_mean']:.2f} %")
     if len(scratch):
-        fair = summary["scratch_epochs"] == summary["supernet_epochs"]
-        lines += ["", f"## Inherited vs trained from scratch ({summary['scratch_epochs']} epochs"
-                      f"{'' if fair else ', FEWER than the supernet: unfair to the stand-alone networks'})", "",
+        lines += ["", f"## Inherited vs trained from scratch ({_epochs_note(summary)})", "",
                   "| subnet | MFLOPs | inherited test % | scratch test % | inherited - scratch | scratch s |",
                   "|---|---:|---:|---:|---:|---:|"]
         for row in scratch.itertuples():

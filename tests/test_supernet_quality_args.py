@@ -1,0 +1,47 @@
+"""benchmarks/supernet_quality.py: arguments that cannot give the comparison are refused up front."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from hwnas import spaces
+
+_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "supernet_quality.py"
+_spec = importlib.util.spec_from_file_location("supernet_quality", _PATH)
+assert _spec is not None and _spec.loader is not None
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--random", "-1"], "--random must be >= 0, got -1"),
+    (["--random", "2", "--scratch-archs", "5"], "--scratch-archs must lie in 0..4"),
+    (["--scratch-archs", "-1"], "--scratch-archs must lie in 0..12"),
+    (["--scratch-epochs", "0"], "--scratch-epochs must be >= 1, got 0"),
+    (["--bn-batches", "0"], "--bn-batches must be >= 1, got 0"),
+])
+def test_bad_arguments_are_refused_in_one_line(extra: list[str], message: str,
+                                                capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        bench.parse_args(["--checkpoint", "c.pt", "--out", "o", *extra])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_scratch_archs_span_the_flops_range_smallest_first_largest_last() -> None:
+    space = spaces.get("mbv3-32")
+    archs = bench.pick_archs(space, 10, seed=2024)
+    assert len({a for _, a in archs}) == 12
+    eight = bench.scratch_choice(space, archs, 8)
+    flops = [bench.arch_flops(space, a) for _, a in eight]
+    assert [n for n, _ in eight][0] == "smallest" and eight[-1][0] == "largest"
+    assert len({a for _, a in eight}) == 8 and flops[1:-1] == sorted(flops[1:-1])
+    three = bench.scratch_choice(space, archs, 3)
+    assert [n.split(":")[0] for n, _ in three] == ["smallest", "middle", "largest"]
+
+
+@pytest.mark.parametrize("scratch, words", [(5, "FEWER"), (10, "as the supernet"), (30, "MORE")])
+def test_the_report_says_when_the_epochs_differ(scratch: int, words: str) -> None:
+    assert words in bench._epochs_note({"scratch_epochs": scratch, "supernet_epochs": 10})
