@@ -16,6 +16,11 @@ one GPU well: a small network leaves it idle most of the time, waiting for Pytho
 evaluates the supernet and writes the summary. Each finished stand-alone training is kept in
 OUT/scratch/<arch_id>.json, so a killed run continues where it stopped. Everything lands in OUT:
 subnets.csv, scratch.csv, summary.json and summary.md.
+
+The stand-alone trainings need only the recipe, not the trained supernet, so on a machine with
+room to spare they can start beside `hwnas train`: `--scratch-only --recipe RUN/train_config.json`
+trains them with that run's recipe (the checkpoint only names the space) and stops; the full
+benchmark on RUN/supernet.pt later finds them done.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="supernet checkpoint (hwnas train's OUT/supernet.pt)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--data", help="dataset spec (default: the one the checkpoint was trained on)")
+    parser.add_argument("--val-size", type=int, default=5000,
+                        help="validation images held out of training: the supernet's own (hwnas train --val-size; "
+                             "default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     parser.add_argument("--random", type=int, default=10, help="random subnets besides the largest and smallest")
     parser.add_argument("--scratch-archs", type=int, default=None,
@@ -62,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bn-batches", type=int, default=None,
                         help="training batches for BN re-estimation (default: the checkpoint's bn_batches)")
     parser.add_argument("--seed", type=int, default=2024, help="seed of the random subnets")
+    parser.add_argument("--recipe", type=Path, default=None,
+                        help="a run's train_config.json: the stand-alone recipe (default: the checkpoint's)")
+    parser.add_argument("--scratch-only", action="store_true",
+                        help="train the stand-alone archs, then stop (no evaluation of the supernet)")
     args = parser.parse_args(argv)
     if args.random < 0:
         parser.error(f"--random must be >= 0, got {args.random}")
@@ -77,6 +89,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _base_spec(spec: str) -> str:
     """'fashion-mnist (train subset 2048, seed 0)' -> 'fashion-mnist': the loadable part of a recorded spec."""
     return spec.split(" (", 1)[0]
+
+
+def read_recipe(path: Path, space: SearchSpace) -> dict[str, Any]:
+    """A run's train_config.json (`hwnas train` writes it before the first step), checked against `space`."""
+    try:
+        recipe = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HwnasError(f"{path}: no such recipe file") from None
+    except (OSError, ValueError) as exc:
+        raise HwnasError(f"{path}: not a readable train_config.json ({exc})") from None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("train_config"), dict):
+        raise HwnasError(f"{path}: field 'train_config' is missing")
+    if recipe.get("space") != space.name:
+        raise HwnasError(f"{path}: field 'space' is {recipe.get('space')!r}, the checkpoint's space is {space.name!r}")
+    return recipe
 
 
 def pick_archs(space: SearchSpace, n_random: int, seed: int) -> list[tuple[str, Arch]]:
@@ -160,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, rank: int, world: int) -> int:
     supernet, state = load_supernet(args.checkpoint)
     space = supernet.space
-    recipe = TrainConfig.from_dict(state["train_config"])
-    spec = args.data or _base_spec(str(state.get("dataset") or "fashion-mnist"))
-    dataset = load_dataset(spec, val_size=5000, seed=0)
+    source = read_recipe(args.recipe, space) if args.recipe else state
+    recipe = TrainConfig.from_dict(source["train_config"])
+    spec = args.data or _base_spec(str(source.get("dataset") or "fashion-mnist"))
+    dataset = load_dataset(spec, val_size=args.val_size, seed=0)
     device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     bn_batches = args.bn_batches or recipe.bn_batches
     default_k = min(8 if device.type == "cuda" else 3, args.random + 2)
@@ -179,6 +207,9 @@ def run(args: argparse.Namespace, rank: int, world: int) -> int:
     if world > 1:
         tdist.barrier()
     if rank != 0:
+        return 0
+    if args.scratch_only:
+        print(f"stand-alone results of {len(scratch_archs)} archs in {args.out / 'scratch'}")
         return 0
 
     # -- inherited weights ------------------------------------------------------------------------------

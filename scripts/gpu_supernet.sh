@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU run behind the shipped Fashion-MNIST supernet and its quality figures (issue 4): train the
-# README's recipe for EPOCHS epochs, then benchmarks/supernet_quality.py with SCRATCH stand-alone
-# trainings dealt over NPROC processes that share the GPU (one small network leaves it mostly idle).
+# README's recipe for EPOCHS epochs and, beside it, SCRATCH stand-alone trainings of the same recipe
+# dealt over NPROC processes that share the GPU (one small network leaves it mostly idle); then
+# benchmarks/supernet_quality.py on the trained supernet, which finds the stand-alone results done.
 #
 # A lent GPU gives calls of 10 minutes, and 30 epochs with the first one's cuDNN plan building take
 # about 11, so the run goes in stages that resume: each call works until BUDGET seconds are nearly
-# spent, training stops at a step boundary on SIGTERM with its state saved, and the quality stage
-# keeps every finished stand-alone result. Call it again with the same RUN until it prints "done".
+# spent, training stops at a step boundary on SIGTERM with its state saved, and every finished
+# stand-alone result is kept. Call it again with the same RUN until it prints "done".
 #
 #   bash scripts/gpu_supernet.sh RUN PACK     # RUN: work directory, kept between calls (runs/ is ignored)
 #                                             # PACK: where the files to take home go ($OUT on the device)
@@ -45,19 +46,30 @@ complete() {  # prints 1 when $1 is a checkpoint whose training schedule has fin
 }
 
 ckpt="$RUN/train/supernet.pt"
+quality() {  # benchmarks/supernet_quality.py over NPROC ranks, until the call's time is nearly spent
+  timeout -s TERM -k 20 $(( $(left) - 25 )) $PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
+    benchmarks/supernet_quality.py --out "$RUN/quality" --device "$DEVICE" --scratch-archs "$SCRATCH" \
+    --random "$RANDOM_SUBNETS" ${SCRATCH_EPOCHS:+--scratch-epochs "$SCRATCH_EPOCHS"} "$@"
+}
 if [ "$(complete "$ckpt")" != 1 ]; then
-  echo "== train ($(left) s left)"
+  # The stand-alone trainings need only the recipe (train_config.json, written before the first step),
+  # so they run beside the supernet's training: each alone leaves the GPU mostly idle.
+  echo "== train, and the stand-alone networks beside it ($(left) s left)"
   timeout -s TERM -k 60 $(( $(left) - 40 )) $PY -m hwnas.cli train --space mbv3-32 --data fashion-mnist \
     --epochs "$EPOCHS" --batch-size 512 --lr 0.4 --num-sampled 2 --warmup-epochs 1 --device "$DEVICE" \
-    ${STEPS:+--steps-per-epoch "$STEPS"} --out "$RUN/train" --resume --quiet
-  echo "train exit $?"
+    ${STEPS:+--steps-per-epoch "$STEPS"} --out "$RUN/train" --resume --quiet &
+  trainer=$!
+  for _ in $(seq 120); do [ -e "$RUN/train/train_config.json" ] && break; sleep 1; done
+  quality --checkpoint hwnas/checkpoints/mbv3-32_fashion-mnist.pt --recipe "$RUN/train/train_config.json" \
+    --scratch-only > "$RUN/scratch.log" 2>&1 &
+  scratch=$!
+  wait $trainer; echo "train exit $?"
+  wait $scratch; echo "stand-alone exit $? ($RUN/scratch.log)"
 fi
 
 if [ "$(complete "$ckpt")" = 1 ] && [ ! -e "$RUN/quality/summary.md" ] && [ "$(left)" -gt 90 ]; then
   echo "== quality ($(left) s left)"
-  timeout -s TERM -k 20 $(( $(left) - 25 )) $PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
-    benchmarks/supernet_quality.py --checkpoint "$ckpt" --out "$RUN/quality" --device "$DEVICE" \
-    --scratch-archs "$SCRATCH" --random "$RANDOM_SUBNETS" ${SCRATCH_EPOCHS:+--scratch-epochs "$SCRATCH_EPOCHS"}
+  quality --checkpoint "$ckpt"
   echo "quality exit $?"
 fi
 

@@ -45,3 +45,32 @@ def test_scratch_archs_span_the_flops_range_smallest_first_largest_last() -> Non
 @pytest.mark.parametrize("scratch, words", [(5, "FEWER"), (10, "as the supernet"), (30, "MORE")])
 def test_the_report_says_when_the_epochs_differ(scratch: int, words: str) -> None:
     assert words in bench._epochs_note({"scratch_epochs": scratch, "supernet_epochs": 10})
+
+
+def test_scratch_only_trains_with_a_runs_recipe_and_a_rerun_reuses_the_results(tmp_path: Path,
+                                                                                capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from hwnas.train import TrainConfig
+    from tests.test_data import write_fashion_dir
+
+    write_fashion_dir(tmp_path / "fm", gz=True, n_train=60, n_test=20)
+    recipe = TrainConfig(epochs=1, batch_size=8, steps_per_epoch=1, num_sampled=0, warmup_epochs=0.0, device="cpu")
+    recipe_file = tmp_path / "train_config.json"
+    recipe_file.write_text(json.dumps({"space": "mbv3-32", "dataset": "fashion-mnist",
+                                       "train_config": recipe.to_dict()}))
+    argv = ["--checkpoint", str(Path(bench.__file__).parent.parent / "hwnas/checkpoints/mbv3-32_fashion-mnist.pt"),
+            "--out", str(tmp_path / "q"), "--data", f"fashion-mnist:{tmp_path / 'fm'}", "--device", "cpu",
+            "--val-size", "20", "--random", "1", "--scratch-archs", "3", "--scratch-only", "--recipe", str(recipe_file)]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "q" / "scratch").glob("*.json"))]
+    assert len(results) == 3 and "stand-alone results of 3 archs" in printed
+    assert all(r["config"] == recipe.to_dict() for r in results)  # the run's recipe, not the checkpoint's
+    assert not (tmp_path / "q" / "summary.md").exists()  # the supernet was not evaluated
+    assert bench.main(argv) == 0
+    assert capsys.readouterr().out.count("stand-alone result of an earlier run") == 3
+
+    recipe_file.write_text(json.dumps({"space": "mbv3-224", "train_config": recipe.to_dict()}))
+    assert bench.main(argv) == 2
+    assert "field 'space' is 'mbv3-224', the checkpoint's space is 'mbv3-32'" in capsys.readouterr().err
