@@ -622,6 +622,16 @@ def _plan_epochs(space: SearchSpace, dataset: Dataset, config: TrainConfig, d: _
     return epochs
 
 
+@contextlib.contextmanager
+def _field(path: Path, name: str) -> Iterator[None]:
+    """Whatever a malformed field of a checkpoint raises on resume, as one line naming the file and the field."""
+    try:
+        yield
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError, HwnasError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot resume from this checkpoint: field '{name}' ({reason})") from None
+
+
 class _Trainer:
     """The state of one run; `run` is the loop. Split out of `train_supernet` to keep each piece short."""
 
@@ -700,24 +710,28 @@ class _Trainer:
         _check_resume(self.path, state, self.space, self.dataset, self.config)
         if state.get("complete"):
             return True
-        try:
+        with _field(self.path, "model"):
             self.model.load_state_dict(state["model"])
+        with _field(self.path, "optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
+        with _field(self.path, "sampler_rng"):
             self.sampler.load_state_dict(state["sampler_rng"])
-            if state.get("scaler") is not None and self.scaler.is_enabled():
+        if state.get("scaler") is not None and self.scaler.is_enabled():
+            with _field(self.path, "scaler"):
                 self.scaler.load_state_dict(state["scaler"])
-        except (KeyError, ValueError, RuntimeError, TypeError, HwnasError) as exc:
-            raise CheckpointError(f"{self.path}: cannot resume from this checkpoint ({str(exc).splitlines()[0]})"
-                                  ) from None
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state.get("step_in_epoch", 0))
-        self.global_step = int(state.get("global_step", self.epoch * self.steps_per_epoch + self.step_in_epoch))
-        progress = state.get("epoch_progress") or {}
-        if "sums" in progress:
-            self.sums.copy_(progress["sums"])
-        self.epoch_seconds = float(progress.get("seconds", 0.0))
-        self.epoch_images = int(progress.get("images", 0))
-        self.history = list(state.get("history", []))
-        _restore_rng(list(state.get("torch_rng", [])), self.device, self.d)
+        with _field(self.path, "epoch"):
+            self.epoch, self.step_in_epoch = int(state["epoch"]), int(state.get("step_in_epoch", 0))
+            self.global_step = int(state.get("global_step", self.epoch * self.steps_per_epoch + self.step_in_epoch))
+        with _field(self.path, "epoch_progress"):
+            progress = state.get("epoch_progress") or {}
+            if "sums" in progress:
+                self.sums.copy_(progress["sums"])
+            self.epoch_seconds = float(progress.get("seconds", 0.0))
+            self.epoch_images = int(progress.get("images", 0))
+        with _field(self.path, "history"):
+            self.history = list(state.get("history", []))
+        with _field(self.path, "torch_rng"):
+            _restore_rng(list(state.get("torch_rng", [])), self.device, self.d)
         return False
 
     # -- the loop --------------------------------------------------------------------------------------

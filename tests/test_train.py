@@ -168,6 +168,27 @@ def test_accuracy_collapse_stops_training_and_keeps_the_last_good_checkpoint(tmp
     assert state["epoch"] == 1 and state["history"][0]["val_acc_largest"] > 1.0
 
 
+@pytest.fixture(scope="module")
+def half_trained(tiny: Dataset, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The checkpoint of a run killed after its first of two epochs."""
+    out = tmp_path_factory.mktemp("half")
+    with pytest.raises(Killed):
+        train_supernet(SPACE, tiny, tiny_config(), out, callbacks=[DieAfterEpoch(epoch=1)], progress=False)
+    return torch.load(out / "supernet.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("field, damage", [
+    ("sampler_rng", None), ("optimizer", {"state": {}, "param_groups": []}), ("history", 5),
+    ("model", {"stem.0.weight": torch.zeros(1)}), ("epoch_progress", {"sums": torch.zeros(5)}),
+])
+def test_resuming_a_damaged_checkpoint_names_the_file_and_the_field(tmp_path: Path, tiny: Dataset, half_trained: dict,
+                                                                    field: str, damage: object) -> None:
+    path = tmp_path / "supernet.pt"
+    torch.save({**half_trained, field: damage}, path)
+    with pytest.raises(CheckpointError, match=rf"{path}: cannot resume from this checkpoint: field '{field}' \("):
+        train_supernet(SPACE, tiny, tiny_config(), tmp_path, resume=True, progress=False)
+
+
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_to_overwrite(tmp_path: Path, tiny: Dataset) -> None:
     config = tiny_config(epochs=1, steps_per_epoch=1, num_sampled=0)
     path = train_supernet(SPACE, tiny, config, tmp_path, progress=False)
