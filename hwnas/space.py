@@ -220,10 +220,21 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
+        """A spec read back from a file; a field of the wrong kind is a ValueError naming it, not a later crash."""
         data = dict(data)
         data["stages"] = tuple(StageSpec(**s) for s in data["stages"])
         for key in ("kernel_choices", "expand_choices", "depth_choices", "resolution_choices"):
             data[key] = tuple(data[key])
+            kinds = (int, float) if key == "expand_choices" else (int,)
+            if not data[key] or not all(isinstance(v, kinds) and not isinstance(v, bool) and v > 0 for v in data[key]):
+                raise ValueError(f"{key} must be a non-empty list of positive numbers, got {list(data[key])}")
+        ints = ["in_channels", "num_classes", "stem_channels", "stem_stride", "first_channels",
+                "final_expand_channels", "feature_channels"]
+        for where, value in [*((k, data.get(k)) for k in ints),
+                             *((f"stages[{i}].{k}", getattr(st, k)) for i, st in enumerate(data["stages"])
+                               for k in ("out_channels", "stride"))]:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{where} must be a positive integer, got {value!r}")
         return cls(**data)
 
     # ---- structure -----------------------------------------------------------------------------

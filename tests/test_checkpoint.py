@@ -110,3 +110,18 @@ def test_weights_that_do_not_fit_the_stored_space_are_refused(tmp_path: Path, ne
     save_checkpoint(path, checkpoint_state(net, space=wider.to_dict()))
     with pytest.raises(CheckpointError, match="field 'model' does not fit space 'mbv3-32'"):
         load_supernet(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"kernel_choices": [3, "x"]}, r"kernel_choices must be a non-empty list of positive numbers, got \[3, 'x'\]"),
+    ({"depth_choices": []}, r"depth_choices must be a non-empty list"),
+    ({"stem_stride": 0}, r"stem_stride must be a positive integer, got 0"),
+    ({"stages": [{"out_channels": "24", "stride": 2}]}, r"stages\[0\]\.out_channels must be a positive integer"),
+])
+def test_a_damaged_space_spec_is_named_before_any_network_is_built(tmp_path: Path, net: Supernet, edit: dict,
+                                                                   message: str) -> None:
+    path = tmp_path / "supernet.pt"
+    save_checkpoint(path, checkpoint_state(net, space={**net.space.to_dict(), **edit}))
+    with pytest.raises(CheckpointError, match=rf"{path}: checkpoint field 'space' is not a valid space spec \("
+                                              rf"{message}"):
+        load_supernet(path)
