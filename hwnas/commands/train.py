@@ -116,15 +116,15 @@ def run(args: argparse.Namespace) -> int:
     from hwnas.train import LOG_NAME, TrainingInterrupted, train_supernet
 
     config = config_from_args(args).check()
-    if config.warmup_epochs >= config.epochs and int(os.environ.get("RANK", "0")) == 0:
-        print(f"hwnas train: warning: --warmup-epochs {config.warmup_epochs:g} covers all {config.epochs} epoch(s): "
-              "the learning rate rises until the last step and never decays", file=sys.stderr)
     dataset = load_dataset(args.data, val_size=args.val_size, seed=0)
     if args.train_subset is not None:
         spec = f"{dataset.spec} (train subset {args.train_subset}, seed 0)"
         dataset = dataclasses.replace(dataset, train=dataset.train.subset(args.train_subset, seed=0), spec=spec)
     space = spaces.get(args.space, in_channels=dataset.in_channels, num_classes=dataset.num_classes)
     main = int(os.environ.get("RANK", "0")) == 0
+    if config.warmup_epochs >= config.epochs and main:  # after the inputs are known good: errors come first
+        print(f"hwnas train: warning: --warmup-epochs {config.warmup_epochs:g} covers all {config.epochs} epoch(s): "
+              "the learning rate rises until the last step and never decays", file=sys.stderr)
     try:
         path = train_supernet(space, dataset, config, args.out, resume=args.resume, progress=not args.quiet,
                               verbose=True, time_budget=args.time_budget)
