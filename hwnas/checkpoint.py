@@ -14,6 +14,7 @@ trajectory (optimizer, schedule, sampler and torch RNG states, epoch, step). It 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,17 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
         os.close(dir_fd)
 
 
+def _why_unreadable(exc: BaseException) -> str:
+    """torch's reason in one clause: its messages run to paragraphs of advice (weights_only=False, safe
+    globals) that a user of the CLI cannot act on, sometimes with terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if unpickler:
+        return f"not a plain-tensor torch file: {unpickler.group(1).split('. ')[0].strip()}"
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first.split(". ")[0][:200]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read and check a checkpoint; CheckpointError names the file and what is wrong with it."""
     path = Path(path)
@@ -70,9 +82,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable hwnas checkpoint (truncated or another format: "
-                              f"{reason[:200]})") from None
+                              f"{_why_unreadable(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not an hwnas supernet checkpoint (field 'format' is {found!r}, "

@@ -73,8 +73,14 @@ def test_truncated_checkpoint_names_the_file(tmp_path: Path, net: Supernet) -> N
         load_supernet(path)
 
 
+UNREADABLE = r"not a readable hwnas checkpoint \(truncated or another format: "
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (b"this is not a checkpoint", "not a readable hwnas checkpoint"),
+    # torch's own advice (weights_only=False, safe globals, colour codes) cut down to its reason
+    (b'{"format": "hwnas-supernet"}', UNREADABLE + r"not a plain-tensor torch file: Unsupported operand[^`\x1b]*\)$"),
+    ({"format": object}, UNREADABLE + r"not a plain-tensor torch file: Unsupported global[^`\x1b]*\)$"),
     ({"weights": torch.zeros(2)}, "not an hwnas supernet checkpoint .field 'format' is None"),
 ])
 def test_foreign_files_are_refused(tmp_path: Path, content: object, message: str) -> None:
