@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from hwnas import spaces
     from hwnas.checkpoint import load_supernet
     from hwnas.commands.export import summary_table
+    from hwnas.commands.search import check_margin
     from hwnas.data import load_dataset
     from hwnas.deploy import EvalSettings, deploy
     from hwnas.errors import HwnasError
@@ -113,8 +114,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.quiet
     if args.queries < 4 or args.measure_top < 0:
         raise HwnasError(f"--queries must be >= 4 and --measure-top >= 0, got {args.queries} and {args.measure_top}")
-    if not 0.0 <= args.margin < 0.5:
-        raise HwnasError(f"--margin is a fraction of the budget in [0, 0.5), got {args.margin}")
+    check_margin(args.margin)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     space = spaces.get(SPACE)

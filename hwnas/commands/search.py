@@ -122,6 +122,14 @@ def read_seed_population(run_dir: Path, space: Any) -> list[Any]:
     return archs
 
 
+def check_margin(margin: float) -> None:
+    """--margin of search and demo: a guard band above half the budget would leave no search."""
+    from hwnas.errors import HwnasError
+
+    if not 0.0 <= margin < 0.5:
+        raise HwnasError(f"--margin is a fraction of the budget in [0, 0.5), got {margin}")
+
+
 def _check_args(args: argparse.Namespace) -> None:
     from hwnas.errors import HwnasError
 
@@ -132,8 +140,7 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < (2 if name == "population" else 1):
             raise HwnasError(f"--{name.replace('_', '-')} is too small: {value}")
-    if not 0.0 <= args.margin < 0.5:
-        raise HwnasError(f"--margin is a fraction of the budget in [0, 0.5), got {args.margin}")
+    check_margin(args.margin)
     if args.measure_top < 0:
         raise HwnasError(f"--measure-top must be >= 0, got {args.measure_top}")
     if args.confirm is not None and not 1 <= args.confirm < args.queries:
