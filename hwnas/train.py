@@ -940,6 +940,7 @@ def train_standalone(space: SearchSpace, arch: Arch, dataset: Dataset, config: T
     network at `arch.resolution`, single process. The baseline of benchmarks/supernet_quality.py.
     """
     from hwnas.blocks import build_network
+    from hwnas.depthwise import fast_depthwise
     from hwnas.supernet.ops import init_weights
 
     config.check()
@@ -968,26 +969,28 @@ def train_standalone(space: SearchSpace, arch: Arch, dataset: Dataset, config: T
 
         bar = tqdm(total=config.epochs * steps, leave=False, dynamic_ncols=True, desc=f"scratch {arch.arch_id}")
     try:
-        for epoch in range(config.epochs):
-            batches = dataset.train.batches(config.batch_size, shuffle=True, seed=_epoch_seed(config.seed, epoch, 0),
-                                            augment=config.augment, drop_last=True, device=device, max_batches=steps)
-            for x, y in batches:
-                for group in optimizer.param_groups:
-                    group["lr"] = schedule.lr(step)
-                optimizer.zero_grad(set_to_none=True)
-                inputs = _Inputs(x, channels_last)
-                with _autocast(device, config):
-                    logits = model(inputs.at(arch.resolution))
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-                scaler.scale(loss).backward()
-                if config.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                if bar is not None:
-                    bar.update(1)
+        with fast_depthwise(model):  # the same function; the CPU's slow depthwise weight gradient avoided
+            for epoch in range(config.epochs):
+                batches = dataset.train.batches(config.batch_size, shuffle=True,
+                                                seed=_epoch_seed(config.seed, epoch, 0), augment=config.augment,
+                                                drop_last=True, device=device, max_batches=steps)
+                for x, y in batches:
+                    for group in optimizer.param_groups:
+                        group["lr"] = schedule.lr(step)
+                    optimizer.zero_grad(set_to_none=True)
+                    inputs = _Inputs(x, channels_last)
+                    with _autocast(device, config):
+                        logits = model(inputs.at(arch.resolution))
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+                    scaler.scale(loss).backward()
+                    if config.grad_clip is not None:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    step += 1
+                    if bar is not None:
+                        bar.update(1)
     finally:
         if bar is not None:
             bar.close()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwnas.blocks import InvertedResidual, SqueezeExcite, activation, se_channels
+from hwnas.depthwise import depthwise_conv2d
 
 
 def _centre(size: int, sub: int) -> slice:
@@ -98,8 +99,9 @@ class DynamicConv2d(nn.Module):
             out_channels = self.max_out
         kernel = self.kernel_sizes[-1] if kernel is None else kernel
         weight = self.active_weight(in_channels, out_channels, kernel)
-        groups = in_channels if self.depthwise else 1
-        return F.conv2d(x, weight, None, self.stride, kernel // 2, 1, groups)
+        if self.depthwise:
+            return depthwise_conv2d(x, weight, self.stride)
+        return F.conv2d(x, weight, None, self.stride, kernel // 2)
 
     def copy_active_to(self, conv: nn.Module) -> None:
         """Fill a static conv (its shape names the active setting) with this op's active weights."""
