@@ -11,7 +11,8 @@ from hwnas.depthwise import depthwise_conv2d, fast_depthwise, reachable_kernel
 
 
 @pytest.mark.parametrize(("kernel", "height", "width", "stride", "expected"), [
-    (7, 4, 4, 1, 7), (7, 2, 2, 1, 3), (7, 1, 1, 1, 1), (5, 2, 3, 1, 5), (7, 3, 2, 1, 5), (7, 2, 2, 2, 7), (3, 8, 8, 1, 3),
+    (7, 4, 4, 1, 7), (7, 2, 2, 1, 3), (7, 1, 1, 1, 1), (5, 2, 3, 1, 5),
+    (7, 3, 2, 1, 5), (7, 2, 2, 2, 7), (3, 8, 8, 1, 3),
 ])
 def test_reachable_kernel(kernel: int, height: int, width: int, stride: int, expected: int) -> None:
     assert reachable_kernel(kernel, height, width, stride) == expected
