@@ -19,6 +19,7 @@ Only training and evaluation in torch go through here. The exported static layer
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -43,8 +44,37 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int = 1) -> 
         weight, kernel = weight[:, :, start:start + keep, start:start + keep], keep
     pad = kernel // 2
     if pad and x.device.type == "cpu" and 2 * pad >= min(height, width):
+        if min(height, width) >= 3:
+            return _as_matrices(x, weight, stride)
         return F.conv2d(F.pad(x, (pad, pad, pad, pad)), weight, None, stride, 0, 1, x.shape[1])
     return F.conv2d(x, weight, None, stride, pad, 1, x.shape[1])
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_index(height: int, width: int, kernel: int, stride: int) -> tuple[torch.Tensor, int, int]:
+    """For each (output pixel, input pixel) pair, the kernel tap joining them; kernel**2 where none does."""
+    pad = kernel // 2
+    out_h, out_w = (height + 2 * pad - kernel) // stride + 1, (width + 2 * pad - kernel) // stride + 1
+    tap_y = torch.arange(height).view(1, 1, height, 1) - (torch.arange(out_h).view(out_h, 1, 1, 1) * stride - pad)
+    tap_x = torch.arange(width).view(1, 1, 1, width) - (torch.arange(out_w).view(1, out_w, 1, 1) * stride - pad)
+    inside = (tap_y >= 0) & (tap_y < kernel) & (tap_x >= 0) & (tap_x < kernel)
+    index = torch.where(inside, tap_y * kernel + tap_x, kernel * kernel)
+    return index.reshape(out_h * out_w, height * width), out_h, out_w
+
+
+def _as_matrices(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """The conv as one (output pixels x input pixels) matrix per channel, applied by a batched matmul.
+
+    On a map no wider than the kernel's reach that matrix is small (16 x 16 for 4x4 pixels) and
+    holds the products a 7x7 kernel makes, so one `bmm` replaces torch's slow depthwise kernels.
+    """
+    batch, channels, height, width = x.shape
+    kernel = weight.shape[-1]
+    index, out_h, out_w = _tap_index(height, width, kernel, stride)
+    taps = torch.cat([weight.reshape(channels, kernel * kernel), weight.new_zeros(channels, 1)], dim=1)
+    matrices = taps[:, index.to(x.device)]
+    columns = x.permute(1, 2, 3, 0).reshape(channels, height * width, batch)
+    return torch.bmm(matrices, columns).view(channels, out_h, out_w, batch).permute(3, 0, 1, 2)
 
 
 def _is_plain_depthwise(module: nn.Module) -> bool:

@@ -32,7 +32,7 @@ def _reference_and_ours(x: torch.Tensor, weight: torch.Tensor, stride: int):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("kernel", [3, 5, 7])
-@pytest.mark.parametrize(("height", "width"), [(1, 1), (2, 2), (3, 3), (4, 4), (2, 5), (8, 8)])
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (2, 2), (3, 3), (4, 4), (2, 5), (3, 5), (6, 4), (8, 8)])
 def test_same_values_and_gradients_as_torch(kernel: int, height: int, width: int, stride: int,
                                             channels_last: bool) -> None:
     torch.manual_seed(kernel * 100 + height * 10 + width)
