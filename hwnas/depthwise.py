@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +74,26 @@ def _as_matrices(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Te
     index, out_h, out_w = _tap_index(height, width, kernel, stride)
     taps = torch.cat([weight.reshape(channels, kernel * kernel), weight.new_zeros(channels, 1)], dim=1)
     matrices = taps[:, index.to(x.device)]
-    columns = x.permute(1, 2, 3, 0).reshape(channels, height * width, batch)
-    return torch.bmm(matrices, columns).view(channels, out_h, out_w, batch).permute(3, 0, 1, 2)
+    columns = x.permute(1, 2, 3, 0).reshape(channels, height * width, batch).contiguous()
+    out = _ContiguousGradient.apply(torch.bmm(matrices, columns))
+    out = out.view(channels, out_h, out_w, batch).permute(3, 0, 1, 2)
+    return out.contiguous(memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
+
+
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity forward; hands `bmm`'s backward a contiguous gradient, which torch's CPU bmm needs to be fast."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _is_plain_depthwise(module: nn.Module) -> bool:
