@@ -3,14 +3,20 @@
 On small feature maps torch's CPU kernels for the weight gradient of a large depthwise kernel are
 pathologically slow: on the development VM (2 vCPUs, torch 2.14.1, oneDNN) the weight gradient of a
 7x7 depthwise conv over a 4x4 map took about 60 times its forward pass, and it made up most of a supernet
-training step on mbv3-32, whose last stages run at 4x4 and 2x2. Two rewrites remove that without
-changing the function (see benchmarks/depthwise_speed.py for the figures):
+training step on mbv3-32, whose last stages run at 4x4 and 2x2. Where torch is slow (on CPU, a
+padding of at least half the map's side, measured) the conv is computed another way, and
+elsewhere it is left to torch (see benchmarks/depthwise_speed.py for the figures):
 
 - taps that no output can reach are dropped: at stride 1 an n-pixel side is reached only by the
   centre 2n-1 taps, the others multiply padding alone. Exact: the same products are summed.
-- on CPU, when the padding is at least half the map's side (where torch was slow), the map is
-  zero-padded explicitly and convolved without padding, which runs 1.2-8x faster; below that
-  the explicit pad made it 1.5-2x slower. Equal to float rounding (the summation order differs).
+  This applies on every device.
+- maps of 3 or 4 pixels a side run as one small (output pixels x input pixels) matrix per
+  channel, applied by a batched matmul: 5-9x faster than torch's kernels there.
+- maps of 1 or 2 pixels a side are zero-padded explicitly and convolved without padding, which
+  takes a fast path of oneDNN: 8-16x faster. (Padding explicitly where the padding is less than
+  half the side made things 1.5-2x slower, so it is not done there.)
+
+The last two are equal to float rounding (the summation order differs).
 
 Only training and evaluation in torch go through here. The exported static layers stay plain
 `nn.Conv2d` with their full kernels, so ONNX graphs and latency tables are unchanged.
