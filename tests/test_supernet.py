@@ -66,14 +66,28 @@ def net224() -> Supernet:
 
 
 def assert_extract_matches(net: Supernet, arch: Arch, seed: int) -> None:
+    """Equal to float tolerance: within TOL, or within a few times the static net's own fp32 error.
+
+    The supernet's depthwise convs may sum in another order than `nn.Conv2d` (hwnas.depthwise),
+    and a deep net with large outputs (the largest arch reaches about 80) amplifies rounding: there
+    the static net in fp32 is itself 1e-3 off its fp64 twin. A wrong weight or padding is off by
+    the output's own scale.
+    """
     x = torch.randn(2, *net.space.input_shape(arch), generator=torch.Generator().manual_seed(seed))
+    static = net.extract(arch).eval()
     with torch.no_grad():
         expected = net.set_active(arch)(x)
-        got = net.extract(arch).eval()(x)
+        got = static(x)
     assert got.shape == (2, net.space.num_classes)
     assert expected.std() > 1e-3, "outputs this small would make the tolerance meaningless"
     diff = (got - expected).abs().max().item()
-    assert diff <= TOL, f"{arch.to_json()}: max abs diff {diff}"
+    if diff <= TOL:
+        return
+    with torch.no_grad():
+        exact = copy.deepcopy(static).double()(x.double())
+    rounding = (got.double() - exact).abs().max().item()
+    assert diff <= 8 * rounding, (f"{arch.to_json()}: max abs diff {diff}, beyond 8x the static net's own fp32 "
+                                  f"error {rounding} (outputs up to {exact.abs().max().item():.3g})")
 
 
 def test_extract_equals_supernet_mbv3_32(net32: Supernet, space32: SearchSpace) -> None:
