@@ -160,6 +160,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch < 1 or args.op_batch < 1 or args.repeats < 1:
         parser.error("--batch, --op-batch and --repeats must be at least 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device!r}: {exc}")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {args.device!r}: this benchmark runs on 'cpu' or an available 'cuda' device")
     return args
 
 

@@ -79,3 +79,38 @@ def test_fast_depthwise_same_function_and_restores_the_modules() -> None:
     with pytest.raises(RuntimeError, match="boom"), fast_depthwise(net):
         raise RuntimeError("boom")
     assert all(type(m) is nn.Conv2d for m in net)
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "depthwise_speed.py"
+    spec = importlib.util.spec_from_file_location("depthwise_speed", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_writes_every_shape_and_restores_the_supernet(tmp_path) -> None:
+    import json
+
+    from hwnas.supernet import ops
+
+    bench = _benchmark()
+    assert bench.main(["--batch", "2", "--op-batch", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    shapes = {(r["channels"], r["side"], r["kernel"], r["stride"]) for r in summary["ops"]}
+    assert (576, 2, 7, 1) in shapes and (288, 2, 3, 1) in shapes  # the largest's and smallest's last stage
+    for part in (*summary["ops"], summary["supernet_step"], summary["standalone_step"]):
+        assert part["speedup"] > 0
+    assert ops.depthwise_conv2d is depthwise_conv2d  # the baseline's swap was undone
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--device", "nonsense"]])
+def test_benchmark_refuses_bad_arguments_in_one_line(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        _benchmark().parse_args(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "error: " in err and argv[0] in err and "Traceback" not in err
