@@ -46,7 +46,8 @@ from hwnas.fileio import atomic_write_text
 from hwnas.flops import arch_flops
 from hwnas.sampling import UniformSampler
 from hwnas.space import Arch, SearchSpace
-from hwnas.train import TrainConfig, evaluate, resolve_device, subnet_accuracy, train_standalone
+from hwnas.standalone import saved_progress, train_standalone
+from hwnas.train import TrainConfig, evaluate, resolve_device, subnet_accuracy
 
 GOAL_LARGEST, GOAL_SMALLEST, GOAL_GAP = 93.5, 91.0, -0.5
 
@@ -158,9 +159,13 @@ def scratch_result(space: SearchSpace, name: str, arch: Arch, dataset: Dataset, 
         print(f"{log}training {name} ({arch.arch_id}) from scratch for {config.epochs} epochs", flush=True)
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     config = dataclasses.replace(config, device=str(device))
+    state = path.with_suffix(".state.pt")  # saved every epoch: a killed run continues from its last epoch
+    earlier = saved_progress(state) if state.exists() else None
+    if log is not None and earlier is not None:
+        print(f"{log}{name} ({arch.arch_id}): continuing from epoch {earlier[0]} ({state})", flush=True)
     start = time.perf_counter()
-    model = train_standalone(space, arch, dataset, config)
-    seconds = time.perf_counter() - start
+    model = train_standalone(space, arch, dataset, config, state_path=state)
+    seconds = time.perf_counter() - start + (earlier[1] if earlier is not None else 0.0)
     scores = {}
     for split_name, split in (("val", dataset.val), ("test", dataset.test)):
         correct, total = evaluate(model, split, arch.resolution, device=device, batch_size=config.eval_batch_size)
@@ -168,6 +173,7 @@ def scratch_result(space: SearchSpace, name: str, arch: Arch, dataset: Dataset, 
     result = {"name": name, "arch_id": arch.arch_id, "arch": arch.to_dict(), "config": recipe,
               "scratch_val": scores["val"], "scratch_test": scores["test"], "train_seconds": seconds}
     atomic_write_text(path, json.dumps(result, indent=2))
+    state.unlink(missing_ok=True)
     return result
 
 

@@ -67,6 +67,7 @@ def test_scratch_only_trains_with_a_runs_recipe_and_a_rerun_reuses_the_results(t
     results = [json.loads(p.read_text()) for p in sorted((tmp_path / "q" / "scratch").glob("*.json"))]
     assert len(results) == 3 and "stand-alone results of 3 archs" in printed
     assert all(r["config"] == recipe.to_dict() for r in results)  # the run's recipe, not the checkpoint's
+    assert not list((tmp_path / "q" / "scratch").glob("*.state.pt"))  # each state went once its result was kept
     assert not (tmp_path / "q" / "summary.md").exists()  # the supernet was not evaluated
     assert bench.main(argv) == 0
     assert capsys.readouterr().out.count("stand-alone result of an earlier run") == 3
