@@ -74,6 +74,9 @@ if [ "$(complete "$ckpt")" = 1 ] && [ ! -e "$RUN/quality/summary.md" ] && [ "$(l
 fi
 
 # What comes home: the checkpoint on its own (the file the repository ships) and one tarball of the rest.
+# Unfinished stand-alone states stay behind (up to tens of MB each, more than a carry holds): on a
+# machine that went cold, those networks start again, a few minutes each on a GPU.
 [ -e "$ckpt" ] && cp "$ckpt" "$PACK/supernet.pt"
-tar -czf "$PACK/run.tar.gz" --exclude=supernet.pt --exclude=pack -C "$(dirname "$RUN")" "$(basename "$RUN")"
+tar -czf "$PACK/run.tar.gz" --exclude=supernet.pt --exclude='*.state.pt' --exclude=pack \
+  -C "$(dirname "$RUN")" "$(basename "$RUN")"
 if [ -e "$RUN/quality/summary.md" ]; then echo "done"; else echo "not done: call again with the same RUN"; fi
