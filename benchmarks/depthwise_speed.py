@@ -1,11 +1,12 @@
 """How much does `hwnas.depthwise` speed up training? torch's depthwise conv against ours, in one run.
 
-Three levels, each timed as forward + backward, the two ways interleaved and the median of
-`--repeats` kept, so that a busy neighbour slows both alike:
+Four levels, the two ways interleaved and the median of `--repeats` kept, so that a busy
+neighbour slows both alike; the first three time forward + backward:
 
 1. the depthwise convs of mbv3-32's largest and smallest subnets at their feature-map sizes;
 2. one supernet training step's work (largest, two random subnets, smallest: the sandwich rule);
-3. one step of the largest subnet trained alone (`train_standalone`, through `fast_depthwise`).
+3. one step of the largest subnet trained alone (`train_standalone`, through `fast_depthwise`);
+4. and, as a check that nothing got slower, the supernet's forward without gradients (evaluation).
 
     python benchmarks/depthwise_speed.py --out benchmarks/results/depthwise_speed
     python benchmarks/depthwise_speed.py --device cuda --batch 512      # on a GPU: only the tap crop applies
@@ -130,6 +131,27 @@ def supernet_step(space: SearchSpace, batch: int, repeats: int, device: torch.de
             "torch_img_s": batch / t["torch"], "hwnas_img_s": batch / t["hwnas"]}
 
 
+def supernet_eval(space: SearchSpace, batch: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Forward only, no gradient (validation, search): here torch's own kernels should be kept."""
+    torch.manual_seed(0)
+    net = Supernet(space).to(device).to(memory_format=torch.channels_last).eval()
+    archs = [space.largest(), space.smallest()]
+    inputs = {a.resolution: torch.randn(batch, space.in_channels, a.resolution, a.resolution, device=device)
+              .contiguous(memory_format=torch.channels_last) for a in archs}
+
+    def forward() -> None:
+        with torch.no_grad():
+            for arch in archs:
+                net.set_active(arch)(inputs[arch.resolution])
+
+    def baseline() -> None:
+        with supernet_depthwise(torch_depthwise):
+            forward()
+
+    t = interleaved({"torch": baseline, "hwnas": forward}, repeats, device)
+    return {"torch_s": t["torch"], "hwnas_s": t["hwnas"], "speedup": t["torch"] / t["hwnas"]}
+
+
 def standalone_step(space: SearchSpace, batch: int, repeats: int, device: torch.device) -> dict[str, float]:
     torch.manual_seed(0)
     arch = space.largest()
@@ -155,11 +177,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=256, help="images per step (default: %(default)s)")
     parser.add_argument("--op-batch", type=int, default=128, help="images per conv at the op level")
+    parser.add_argument("--eval-batch", type=int, default=500, help="images per forward at level 4")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write summary.json and summary.md here")
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.op_batch < 1 or args.repeats < 1:
-        parser.error("--batch, --op-batch and --repeats must be at least 1")
+    if min(args.batch, args.op_batch, args.eval_batch, args.repeats) < 1:
+        parser.error("--batch, --op-batch, --eval-batch and --repeats must be at least 1")
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -185,10 +208,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['hwnas_ms']:.2f} | {r['speedup']:.2f}x |" for r in ops_rows]
     supernet = supernet_step(space, args.batch, args.repeats, device)
     standalone = standalone_step(space, args.batch, args.repeats, device)
+    evaluation = supernet_eval(space, args.eval_batch, args.repeats, device)
     lines += ["", f"2. supernet step (largest, 2 random, smallest), batch {args.batch}: torch "
               f"{supernet['torch_s']:.3f} s, hwnas {supernet['hwnas_s']:.3f} s: {supernet['speedup']:.2f}x",
               f"3. largest subnet alone, one step, batch {args.batch}: torch {standalone['torch_s']:.3f} s, "
-              f"hwnas {standalone['hwnas_s']:.3f} s: {standalone['speedup']:.2f}x"]
+              f"hwnas {standalone['hwnas_s']:.3f} s: {standalone['speedup']:.2f}x",
+              f"4. supernet forward without gradients (largest and smallest), batch {args.eval_batch}: torch "
+              f"{evaluation['torch_s']:.3f} s, hwnas {evaluation['hwnas_s']:.3f} s: {evaluation['speedup']:.2f}x"]
     print("\n".join(lines[1:]))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "summary.json").write_text(json.dumps(
             {"device": machine, "torch": torch.__version__, "threads": torch.get_num_threads(),
              "commit": git_commit(), "batch": args.batch, "op_batch": args.op_batch, "repeats": args.repeats,
-             "ops": ops_rows, "supernet_step": supernet, "standalone_step": standalone}, indent=2) + "\n")
+             "eval_batch": args.eval_batch, "ops": ops_rows, "supernet_step": supernet, "standalone_step": standalone,
+             "supernet_eval": evaluation}, indent=2) + "\n")
     return 0
 
 

@@ -16,7 +16,9 @@ elsewhere it is left to torch (see benchmarks/depthwise_speed.py for the figures
   takes a fast path of oneDNN: 8-16x faster. (Padding explicitly where the padding is less than
   half the side made things 1.5-2x slower, so it is not done there.)
 
-The last two are equal to float rounding (the summation order differs).
+The last two are equal to float rounding (the summation order differs). They are used only when
+the weight's gradient is wanted: torch's forward is fast, and run alone (evaluation, search) these
+paths were 1.5-5x slower than it.
 
 Only training and evaluation in torch go through here. The exported static layers stay plain
 `nn.Conv2d` with their full kernels, so ONNX graphs and latency tables are unchanged.
@@ -50,7 +52,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int = 1) -> 
         start = (kernel - keep) // 2
         weight, kernel = weight[:, :, start:start + keep, start:start + keep], keep
     pad = kernel // 2
-    if pad and x.device.type == "cpu" and 2 * pad >= min(height, width):
+    slow_in_torch = pad and x.device.type == "cpu" and 2 * pad >= min(height, width)
+    if slow_in_torch and torch.is_grad_enabled() and weight.requires_grad:  # torch's forward alone is fast
         if min(height, width) >= 3:
             return _as_matrices(x, weight, stride)
         return F.conv2d(F.pad(x, (pad, pad, pad, pad)), weight, None, stride, 0, 1, x.shape[1])

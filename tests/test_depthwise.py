@@ -47,6 +47,18 @@ def test_same_values_and_gradients_as_torch(kernel: int, height: int, width: int
     torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("side", [2, 4])
+def test_without_gradients_torch_computes_it(side: int) -> None:
+    """Forward alone, torch's kernels are fast: only the exact tap crop applies (same products, same sums)."""
+    x, weight = torch.randn(4, 8, side, side), torch.randn(8, 1, 7, 7, requires_grad=True)
+    with torch.no_grad():
+        got = depthwise_conv2d(x, weight, 1)
+    keep = 2 * side - 1
+    start = (7 - keep) // 2
+    crop = weight.detach()[:, :, start:start + keep, start:start + keep]
+    assert torch.equal(got, F.conv2d(x, crop, None, 1, keep // 2, 1, 8))
+
+
 def test_unreachable_taps_get_zero_gradient_as_in_torch() -> None:
     x, weight = torch.randn(2, 4, 2, 2), torch.randn(4, 1, 7, 7)
     (_, _, gw_ref), (_, _, gw) = _reference_and_ours(x, weight, 1)
@@ -99,11 +111,12 @@ def test_benchmark_writes_every_shape_and_restores_the_supernet(tmp_path) -> Non
     from hwnas.supernet import ops
 
     bench = _benchmark()
-    assert bench.main(["--batch", "2", "--op-batch", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    argv = ["--batch", "2", "--op-batch", "2", "--eval-batch", "2", "--repeats", "1", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     shapes = {(r["channels"], r["side"], r["kernel"], r["stride"]) for r in summary["ops"]}
     assert (576, 2, 7, 1) in shapes and (288, 2, 3, 1) in shapes  # the largest's and smallest's last stage
-    for part in (*summary["ops"], summary["supernet_step"], summary["standalone_step"]):
+    for part in (*summary["ops"], summary["supernet_step"], summary["standalone_step"], summary["supernet_eval"]):
         assert part["speedup"] > 0
     assert ops.depthwise_conv2d is depthwise_conv2d  # the baseline's swap was undone
 
