@@ -1,24 +1,20 @@
 """Depthwise convolution that computes the same function as `F.conv2d`, faster where torch is slow.
 
-On small feature maps torch's CPU kernels for the weight gradient of a large depthwise kernel are
+On small feature maps torch's CPU kernel for the weight gradient of a large depthwise kernel is
 pathologically slow: on the development VM (2 vCPUs, torch 2.14.1, oneDNN) the weight gradient of a
-7x7 depthwise conv over a 4x4 map took about 60 times its forward pass, and it made up most of a supernet
-training step on mbv3-32, whose last stages run at 4x4 and 2x2. Where torch is slow (on CPU, a
-padding of at least half the map's side, measured) the conv is computed another way, and
-elsewhere it is left to torch (see benchmarks/depthwise_speed.py for the figures):
+7x7 depthwise conv over a 4x4 map took about 60 times its forward pass, and it made up most of a
+supernet training step on mbv3-32, whose last stages run at 4x4 and 2x2. Measured, torch is slow
+there when the padding is at least half the map's side, and fast elsewhere. So
+(see benchmarks/depthwise_speed.py for the figures):
 
 - taps that no output can reach are dropped: at stride 1 an n-pixel side is reached only by the
   centre 2n-1 taps, the others multiply padding alone. Exact: the same products are summed.
   This applies on every device.
-- maps of 3 or 4 pixels a side run as one small (output pixels x input pixels) matrix per
-  channel, applied by a batched matmul: 5-9x faster than torch's kernels there.
-- maps of 1 or 2 pixels a side are zero-padded explicitly and convolved without padding, which
-  takes a fast path of oneDNN: 8-16x faster. (Padding explicitly where the padding is less than
-  half the side made things 1.5-2x slower, so it is not done there.)
-
-The last two are equal to float rounding (the summation order differs). They are used only when
-the weight's gradient is wanted: torch's forward is fast, and run alone (evaluation, search) these
-paths were 1.5-5x slower than it.
+- where torch is slow (CPU, padding >= half the side) and the weight's gradient is wanted, the
+  forward and the input's gradient stay torch's, and the weight's gradient is computed as one
+  small matrix product per channel ((output pixels x batch) times (batch x input pixels)), whose
+  entries are then summed into the kernel taps that join each pair of pixels. Equal to float
+  rounding: the same products, summed in another order.
 
 Only training and evaluation in torch go through here. The exported static layers stay plain
 `nn.Conv2d` with their full kernels, so ONNX graphs and latency tables are unchanged.
@@ -34,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def reachable_kernel(kernel: int, height: int, width: int, stride: int) -> int:
@@ -52,11 +49,9 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int = 1) -> 
         start = (kernel - keep) // 2
         weight, kernel = weight[:, :, start:start + keep, start:start + keep], keep
     pad = kernel // 2
-    slow_in_torch = pad and x.device.type == "cpu" and 2 * pad >= min(height, width)
-    if slow_in_torch and torch.is_grad_enabled() and weight.requires_grad:  # torch's forward alone is fast
-        if min(height, width) >= 3:
-            return _as_matrices(x, weight, stride)
-        return F.conv2d(F.pad(x, (pad, pad, pad, pad)), weight, None, stride, 0, 1, x.shape[1])
+    slow_weight_gradient = pad and x.device.type == "cpu" and 2 * pad >= min(height, width)
+    if slow_weight_gradient and torch.is_grad_enabled() and weight.requires_grad:
+        return _MatrixWeightGradient.apply(x, weight, stride)
     return F.conv2d(x, weight, None, stride, pad, 1, x.shape[1])
 
 
@@ -69,40 +64,37 @@ def _tap_index(height: int, width: int, kernel: int, stride: int) -> tuple[torch
     tap_x = torch.arange(width).view(1, 1, 1, width) - (torch.arange(out_w).view(1, out_w, 1, 1) * stride - pad)
     inside = (tap_y >= 0) & (tap_y < kernel) & (tap_x >= 0) & (tap_x < kernel)
     index = torch.where(inside, tap_y * kernel + tap_x, kernel * kernel)
-    return index.reshape(out_h * out_w, height * width), out_h, out_w
+    return index.reshape(-1), out_h, out_w
 
 
-def _as_matrices(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
-    """The conv as one (output pixels x input pixels) matrix per channel, applied by a batched matmul.
-
-    On a map no wider than the kernel's reach that matrix is small (16 x 16 for 4x4 pixels) and
-    holds the products a 7x7 kernel makes, so one `bmm` replaces torch's slow depthwise kernels.
-    """
-    batch, channels, height, width = x.shape
-    kernel = weight.shape[-1]
-    index, out_h, out_w = _tap_index(height, width, kernel, stride)
-    taps = torch.cat([weight.reshape(channels, kernel * kernel), weight.new_zeros(channels, 1)], dim=1)
-    matrices = taps[:, index.to(x.device)]
-    columns = x.permute(1, 2, 3, 0).reshape(channels, height * width, batch).contiguous()
-    out = _ContiguousGradient.apply(torch.bmm(matrices, columns))
-    out = out.view(channels, out_h, out_w, batch).permute(3, 0, 1, 2)
-    return out.contiguous(memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
-
-
-class _ContiguousGradient(torch.autograd.Function):
-    """Identity forward; hands `bmm`'s backward a contiguous gradient, which torch's CPU bmm needs to be fast."""
+class _MatrixWeightGradient(torch.autograd.Function):
+    """torch's depthwise conv, whose weight gradient is a batched matmul and a scatter into the taps."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.stride = stride
+        return F.conv2d(x, weight, None, stride, weight.shape[-1] // 2, 1, x.shape[1])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        stride, (batch, channels, height, width), kernel = ctx.stride, x.shape, weight.shape[-1]
+        pad = kernel // 2
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [stride, stride], [pad, pad], [1, 1], False, [0, 0], channels,
+                [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            index, out_h, out_w = _tap_index(height, width, kernel, stride)
+            grad_rows = grad.permute(1, 2, 3, 0).reshape(channels, out_h * out_w, batch).contiguous()
+            x_columns = x.permute(1, 0, 2, 3).reshape(channels, batch, height * width).contiguous()
+            pairs = torch.bmm(grad_rows, x_columns).reshape(channels, -1)  # channel x (output, input) pixel pairs
+            taps = pairs.new_zeros(channels, kernel * kernel + 1).index_add_(1, index.to(pairs.device), pairs)
+            grad_weight = taps[:, :-1].reshape(weight.shape)
+        return grad_x, grad_weight, None
 
 
 def _is_plain_depthwise(module: nn.Module) -> bool:
