@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what hwnas needs on a fresh Debian machine: the Fashion-MNIST files, a virtual environment,
+# Installs what hwnas needs on a fresh Debian machine: the Fashion-MNIST files, tcmalloc (optional), a virtual environment,
 # hwnas with its dev tools, and the TensorRT type stubs (alone: they pin a TensorRT wheel that only
 # NVIDIA's registry serves). Safe to run again: each step is skipped when already done.
 set -euo pipefail
@@ -7,12 +7,21 @@ cd "$(dirname "$0")/.."
 VENV=${HWNAS_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+apt_updated=""
+apt_install() {
+  [ -n "$apt_updated" ] || { $SUDO apt-get update -qq; apt_updated=1; }
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   echo "setup: installing Debian's dataset-fashion-mnist"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  apt_install dataset-fashion-mnist
+fi
+# tcmalloc: CPU training runs faster under it (benchmarks/allocator_speed.py); optional, so a failure only warns.
+if ! /sbin/ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then
+  echo "setup: installing Debian's libtcmalloc-minimal4 (for LD_PRELOAD when training on a CPU)"
+  apt_install libtcmalloc-minimal4 || echo "setup: warning: libtcmalloc-minimal4 not installed; CPU training still works"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
