@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from _benchmarks import load_benchmark
 
 
 def _benchmark() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "allocator_speed.py"
-    spec = importlib.util.spec_from_file_location("allocator_speed", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("allocator_speed")
 
 
 def test_each_installed_allocator_is_timed_in_a_child_that_has_it_loaded(tmp_path: Path) -> None:

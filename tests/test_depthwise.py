@@ -94,15 +94,9 @@ def test_fast_depthwise_same_function_and_restores_the_modules() -> None:
 
 
 def _benchmark():
-    import importlib.util
-    from pathlib import Path
+    from _benchmarks import load_benchmark
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "depthwise_speed.py"
-    spec = importlib.util.spec_from_file_location("depthwise_speed", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("depthwise_speed")
 
 
 def test_benchmark_writes_every_shape_and_restores_the_supernet(tmp_path) -> None:

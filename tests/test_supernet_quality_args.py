@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from _benchmarks import load_benchmark
 
 from hwnas import spaces
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "supernet_quality.py"
-_spec = importlib.util.spec_from_file_location("supernet_quality", _PATH)
-assert _spec is not None and _spec.loader is not None
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark("supernet_quality")
 
 
 @pytest.mark.parametrize("extra, message", [
