@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[0]["step_s"]
     for row in rows:
         row["speedup_vs_glibc"] = base / row["step_s"]
-    header = (f"device: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, {args.threads} thread(s); "
-              f"commit {(git_commit() or 'unknown')[:7]}; batch {args.batch}; median of {args.rounds} child "
+    device, commit = cpu_model(), git_commit()
+    header = (f"device: {device}, {os.cpu_count()} cores; torch {torch.__version__}, {args.threads} thread(s); "
+              f"commit {(commit or 'unknown')[:7]}; batch {args.batch}; median of {args.rounds} child "
               f"processes per allocator (interleaved), each the median of {args.steps} steps")
     lines = [header, "", "| allocator | step s | images/s | minor page faults / step | vs glibc |",
              "|---|---|---|---|---|"]
@@ -161,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "summary.md").write_text("\n".join(lines) + "\n")
         (args.out / "summary.json").write_text(json.dumps(
-            {"device": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
-             "commit": git_commit(), "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
+            {"device": device, "cores": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
+             "commit": commit, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
              "rows": rows, "missing": missing, "runs": runs}, indent=2) + "\n")
     return 0
 
