@@ -31,3 +31,7 @@ class CheckpointError(HwnasError):
 
 class ExportError(HwnasError):
     """An export that cannot be done here (missing runtime) or failed verification."""
+
+
+class DeviceError(HwnasError):
+    """A torch device that is not one, or is not present here (`--device cuda` without a GPU)."""

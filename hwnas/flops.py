@@ -71,3 +71,43 @@ def arch_flops(space: SearchSpace, arch: Arch) -> int:
 def arch_params(space: SearchSpace, arch: Arch) -> int:
     """Trainable parameters of the subnet `arch` (independent of its resolution)."""
     return sum(block_params(spec, space.se_ratio) for spec in space.blocks(arch))
+
+
+class ArchCosts:
+    """FLOPs and parameters of many archs of one space, summed from per-slot cached block counts.
+
+    A block's spec depends only on its slot (`SearchSpace.slot_specs`), so each slot is counted
+    once, the first time an arch uses it, and an arch costs a few dictionary lookups after that:
+    cheap enough for every one of 50k candidates (`SearchSpace.flops_params` keeps one per space).
+    """
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+        self._fixed: dict[int, tuple[int, int]] = {}
+        self._slots: dict[tuple[int, int, int, int, float], tuple[int, int]] = {}
+
+    def _count(self, spec: BlockSpec) -> tuple[int, int]:
+        return block_flops(spec, self.space.se_ratio), block_params(spec, self.space.se_ratio)
+
+    def __call__(self, arch: Arch) -> tuple[int, int]:
+        res = arch.resolution
+        fixed = self._fixed.get(res)
+        if fixed is None:
+            self.space.validate(arch)
+            counts = [self._count(spec) for spec in self.space.slot_specs(res).fixed]
+            fixed = self._fixed[res] = (sum(f for f, _ in counts), sum(p for _, p in counts))
+        flops, params = fixed
+        slots = self._slots
+        for slot in self.space.iter_stage_blocks(arch):
+            key = (res, *slot)
+            cost = slots.get(key)
+            if cost is None:
+                try:
+                    spec = self.space.slot_specs(res).mbconv[slot]
+                except KeyError:
+                    self.space.validate(arch)  # names the bad field
+                    raise
+                cost = slots[key] = self._count(spec)
+            flops += cost[0]
+            params += cost[1]
+        return flops, params

@@ -1,22 +1,32 @@
-"""Search spaces of MobileNetV3-style networks: `Arch`, `BlockSpec`, `SearchSpace`.
+"""Search spaces of MobileNetV3-style networks: `BlockSpec`, `SlotSpecs`, `SearchSpace` (and `Arch`, from `hwnas.arch`).
 
 A space is declarative (stem, stages, head, and the elastic choices); everything else in hwnas
 (supernet, latency tables, searchers, exporters) reads the same `BlockSpec`s from it, so the LUT
 key of a block names exactly the module that the exported network runs.
+
+One invariant carries the fast paths: a block's spec depends only on the resolution, its stage,
+its index in the stage and its own kernel and expand ratio (every stage keeps at least one block,
+so the sizes a stage sees do not depend on the depths of the others). `SearchSpace.slot_specs`
+is the one place that derives it; `blocks(arch)`, `all_blocks()`, the latency table's keys and
+range, the searchers' gene-row pricing and the FLOPs counts all read it from there.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hwnas.arch import Arch
 from hwnas.errors import ArchError
+
+if TYPE_CHECKING:
+    from hwnas.genes import GeneCodec
+
+__all__ = ["ACTIVATIONS", "Arch", "BlockSpec", "RngLike", "SearchSpace", "SlotSpecs", "StageSpec", "as_rng",
+           "make_divisible"]
 
 RngLike = np.random.Generator | int | None
 
@@ -36,102 +46,6 @@ def as_rng(rng: RngLike) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
     return np.random.default_rng(rng)
-
-
-@dataclass(frozen=True)
-class Arch:
-    """One subnet of a space.
-
-    `kernels` and `expands` list the active blocks only (stage by stage, `sum(depths)` entries),
-    so two archs that build the same network are equal and share an `arch_id`.
-    """
-
-    space: str
-    resolution: int
-    depths: tuple[int, ...]
-    kernels: tuple[int, ...]
-    expands: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
-        object.__setattr__(self, "kernels", tuple(int(k) for k in self.kernels))
-        object.__setattr__(self, "expands", tuple(float(e) if float(e) % 1 else int(e) for e in self.expands))
-        object.__setattr__(self, "resolution", int(self.resolution))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "space": self.space,
-            "resolution": self.resolution,
-            "depths": list(self.depths),
-            "kernels": list(self.kernels),
-            "expands": list(self.expands),
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Arch:
-        if not isinstance(data, Mapping):
-            raise ArchError(f"an arch must be a JSON object, got {type(data).__name__}")
-        missing = [f for f in ("space", "resolution", "depths", "kernels", "expands") if f not in data]
-        if missing:
-            raise ArchError(f"arch is missing field(s): {', '.join(missing)}")
-        try:
-            return cls(
-                space=str(data["space"]),
-                resolution=int(data["resolution"]),
-                depths=tuple(data["depths"]),
-                kernels=tuple(data["kernels"]),
-                expands=tuple(data["expands"]),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ArchError(f"arch has a field of the wrong type: {exc}") from None
-
-    @classmethod
-    def from_json(cls, text: str) -> Arch:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ArchError(f"arch is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> Arch:
-        """Read an arch from a JSON file: a bare arch, or an object holding one under "arch" (best.json)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ArchError(f"{path}: no such arch file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ArchError(f"{path}: not a JSON arch file ({exc})") from None
-        if isinstance(data, Mapping) and "arch" in data and isinstance(data["arch"], Mapping):
-            data = data["arch"]
-        try:
-            return cls.from_dict(data)
-        except ArchError as exc:
-            raise ArchError(f"{path}: {exc}") from None
-
-    @classmethod
-    def parse(cls, text_or_path: str) -> Arch:
-        """An arch given on a command line: inline JSON, or the path of a JSON file."""
-        if text_or_path.lstrip().startswith("{"):
-            return cls.from_json(text_or_path)
-        return cls.from_file(text_or_path)
-
-    @property
-    def arch_id(self) -> str:
-        """A short stable id: the same arch gets the same id in every process and run."""
-        return hashlib.sha1(self.to_json().encode()).hexdigest()[:12]
-
-    def stage_slices(self) -> list[slice]:
-        """Where each stage's blocks sit in `kernels` and `expands`."""
-        slices, start = [], 0
-        for depth in self.depths:
-            slices.append(slice(start, start + depth))
-            start += depth
-        return slices
 
 
 @dataclass(frozen=True)
@@ -188,6 +102,29 @@ class StageSpec:
     se: bool = False
 
 
+Slot = tuple[int, int, int, float]  # (stage, index in the stage, kernel, expand)
+
+
+@dataclass(frozen=True)
+class SlotSpecs:
+    """Every block an arch of one resolution can hold: the fixed ones and one spec per slot choice.
+
+    `mbconv[(stage, index, kernel, expand)]` is the inverted residual in that slot with those
+    choices; an arch of this resolution is `stem, first, its active slots in order, head`.
+    """
+
+    resolution: int
+    stem: BlockSpec
+    first: BlockSpec
+    head: BlockSpec
+    mbconv: Mapping[Slot, BlockSpec]
+
+    @property
+    def fixed(self) -> tuple[BlockSpec, BlockSpec, BlockSpec]:
+        """The blocks every arch of this resolution has: stem, first block, head."""
+        return self.stem, self.first, self.head
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """The choices of a MobileNetV3-style space and the operations a searcher needs on them."""
@@ -210,12 +147,12 @@ class SearchSpace:
     se_ratio: float = 0.25
     dropout: float = 0.0
     description: str = ""
-    _meta: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)  # derived, never saved
 
     # ---- the spec, for checkpoints and tables -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("_meta")
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "_cache"}
+        data["stages"] = tuple(asdict(stage) for stage in self.stages)
         return data
 
     @classmethod
@@ -263,57 +200,46 @@ class SearchSpace:
         self.validate(arch)
         return (self.in_channels, arch.resolution, arch.resolution)
 
+    def slot_specs(self, resolution: int) -> SlotSpecs:
+        """The blocks of every arch at `resolution`, derived once and cached (see the module doc)."""
+        key = ("slot_specs", resolution)
+        if key not in self._cache:
+            if resolution not in self.resolution_choices:
+                raise ArchError(f"resolution {resolution} is not allowed; choices: {list(self.resolution_choices)}")
+            stem = BlockSpec("stem", resolution, self.in_channels, self.stem_channels, kernel=3,
+                             stride=self.stem_stride, act=self.stem_act)
+            size = stem.out_size
+            first = BlockSpec("first", size, self.stem_channels, self.first_channels, kernel=3, act="relu")
+            mbconv: dict[Slot, BlockSpec] = {}
+            for stage_index, stage in enumerate(self.stages):
+                out_size = (size - 1) // stage.stride + 1
+                for index in range(self.max_depth):
+                    cin = self.block_in_channels(stage_index, index)
+                    for kernel in self.kernel_choices:
+                        for expand in self.expand_choices:
+                            mbconv[(stage_index, index, kernel, expand)] = BlockSpec(
+                                "mbconv", size if index == 0 else out_size, cin, stage.out_channels, kernel=kernel,
+                                expand=expand, stride=stage.stride if index == 0 else 1, act=stage.act, se=stage.se,
+                                hidden=self.hidden_channels(cin, expand))
+                size = out_size
+            head = BlockSpec("head", size, self.stages[-1].out_channels, self.num_classes, act=self.head_act,
+                             hidden=self.final_expand_channels, feature=self.feature_channels)
+            self._cache[key] = SlotSpecs(resolution, stem, first, head, mbconv)
+        spec: SlotSpecs = self._cache[key]
+        return spec
+
     def blocks(self, arch: Arch) -> list[BlockSpec]:
         """The concrete blocks of `arch`, stem to head, with the input size each one sees."""
         self.validate(arch)
-        size = arch.resolution
-        specs = [
-            BlockSpec("stem", size, self.in_channels, self.stem_channels, kernel=3, stride=self.stem_stride,
-                      act=self.stem_act)
-        ]
-        size = specs[-1].out_size
-        specs.append(BlockSpec("first", size, self.stem_channels, self.first_channels, kernel=3, act="relu"))
-        for stage_index, (stage, sl) in enumerate(zip(self.stages, arch.stage_slices(), strict=True)):
-            for index, (kernel, expand) in enumerate(zip(arch.kernels[sl], arch.expands[sl], strict=True)):
-                cin = self.block_in_channels(stage_index, index)
-                stride = stage.stride if index == 0 else 1
-                spec = BlockSpec("mbconv", size, cin, stage.out_channels, kernel=kernel, expand=expand,
-                                 stride=stride, act=stage.act, se=stage.se,
-                                 hidden=self.hidden_channels(cin, expand))
-                specs.append(spec)
-                size = spec.out_size
-        specs.append(self._head(size))
-        return specs
-
-    def _head(self, size: int) -> BlockSpec:
-        return BlockSpec("head", size, self.stages[-1].out_channels, self.num_classes, act=self.head_act,
-                         hidden=self.final_expand_channels, feature=self.feature_channels)
+        specs = self.slot_specs(arch.resolution)
+        return [specs.stem, specs.first, *(specs.mbconv[slot] for slot in self.iter_stage_blocks(arch)), specs.head]
 
     def all_blocks(self) -> list[BlockSpec]:
         """Every unique block that some arch of the space contains: what a profiler must time."""
         seen: dict[str, BlockSpec] = {}
         for resolution in self.resolution_choices:
-            size = (resolution - 1) // self.stem_stride + 1
-            candidates = [
-                BlockSpec("stem", resolution, self.in_channels, self.stem_channels, kernel=3,
-                          stride=self.stem_stride, act=self.stem_act),
-                BlockSpec("first", size, self.stem_channels, self.first_channels, kernel=3, act="relu"),
-            ]
-            for stage_index, stage in enumerate(self.stages):
-                out_size = (size - 1) // stage.stride + 1
-                for index in range(self.max_depth):
-                    cin = self.block_in_channels(stage_index, index)
-                    stride = stage.stride if index == 0 else 1
-                    in_size = size if index == 0 else out_size
-                    for kernel in self.kernel_choices:
-                        for expand in self.expand_choices:
-                            candidates.append(
-                                BlockSpec("mbconv", in_size, cin, stage.out_channels, kernel=kernel,
-                                          expand=expand, stride=stride, act=stage.act, se=stage.se,
-                                          hidden=self.hidden_channels(cin, expand)))
-                size = out_size
-            candidates.append(self._head(size))
-            for spec in candidates:
+            specs = self.slot_specs(resolution)
+            for spec in (specs.stem, specs.first, *specs.mbconv.values(), specs.head):
                 seen.setdefault(spec.key, spec)
         return list(seen.values())
 
@@ -461,6 +387,34 @@ class SearchSpace:
             vec[slot + self.kernel_choices.index(kernel)] = 1
             vec[slot + nk + self.expand_choices.index(expand)] = 1
         return vec
+
+    # ---- fast paths a searcher looks for (hwnas.search.protocols); each built once per space ---------------
+    def gene_codec(self) -> GeneCodec:
+        """This space's archs as integer rows, for batched variation and pricing (`hwnas.genes`)."""
+        if "gene_codec" not in self._cache:
+            from hwnas.genes import GeneCodec
+
+            self._cache["gene_codec"] = GeneCodec(self)
+        codec: GeneCodec = self._cache["gene_codec"]
+        return codec
+
+    def encode_many(self, archs: Sequence[Arch]) -> np.ndarray:
+        """`encode` of many archs at once, as one (n, encoding_size) float32 array."""
+        if "encoder" not in self._cache:
+            from hwnas.genes import OneHotEncoder
+
+            self._cache["encoder"] = OneHotEncoder(self)
+        encoded: np.ndarray = self._cache["encoder"](archs)
+        return encoded
+
+    def flops_params(self, arch: Arch) -> tuple[int, int]:
+        """FLOPs (one image) and trainable parameters of `arch`, from per-slot cached counts (`hwnas.flops`)."""
+        if "costs" not in self._cache:
+            from hwnas.flops import ArchCosts
+
+            self._cache["costs"] = ArchCosts(self)
+        costs: tuple[int, int] = self._cache["costs"](arch)
+        return costs
 
     def size(self) -> int:
         """The number of distinct subnets (distinct networks, not distinct gene strings)."""

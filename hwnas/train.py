@@ -54,6 +54,7 @@ from torch import nn
 from hwnas.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
 from hwnas.data import Dataset, Split
 from hwnas.errors import CheckpointError, HwnasError
+from hwnas.evaluation import calibration_batches, evaluate, resolve_device, subnet_accuracy
 from hwnas.fileio import atomic_write_text
 from hwnas.sampling import SAMPLERS, UniformSampler, make_sampler
 from hwnas.space import Arch, SearchSpace
@@ -193,24 +194,6 @@ class Callback:
 
 
 # ---- pieces shared by supernet and stand-alone training ------------------------------------------------------
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' is CUDA when torch sees a GPU; under torchrun each rank takes GPU LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainingError(f"train config: device {name!r} is not a torch device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError(f"device {name!r}: torch {torch.__version__} sees no CUDA device")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    elif device.type != "cpu":
-        raise TrainingError(f"train config: device {name!r} is not supported (cpu, cuda, cuda:N)")
-    return device
-
-
 class CosineSchedule:
     """Linear warm-up from lr/warmup to lr, then a cosine to lr * min_ratio, evaluated per step."""
 
@@ -282,59 +265,6 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
     log_student = F.log_softmax(student.float() / t, dim=1)
     log_teacher = F.log_softmax(teacher.float() / t, dim=1)
     return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * (t * t)
-
-
-def _memory_format(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], channels_last: bool
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for x, y in batches:
-        yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split, resolution: int, *, device: torch.device, batch_size: int = 500,
-             max_batches: int | None = None, channels_last: bool = False) -> tuple[int, int]:
-    """(correct, total) of `model` in eval mode on `split` at `resolution`, in float32."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    total = 0
-    batches = split.batches(batch_size, resolution=resolution, device=device, max_batches=max_batches)
-    try:
-        for x, y in _memory_format(batches, channels_last):
-            correct += (model(x).argmax(1) == y).sum()
-            total += y.numel()
-    finally:
-        model.train(was_training)
-    return int(correct.item()), total
-
-
-def calibration_batches(train: Split, resolution: int, *, batch_size: int, n_batches: int,
-                        device: torch.device, seed: int = 0, channels_last: bool = False
-                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed training batches (seeded, not augmented) that re-estimate BN before an evaluation."""
-    return _memory_format(train.batches(batch_size, resolution=resolution, shuffle=True, seed=seed, device=device,
-                                        max_batches=n_batches), channels_last)
-
-
-def subnet_accuracy(supernet: Supernet, arch: Arch, split: Split, calibration: Split, *,
-                    device: torch.device | str = "cpu", bn_batches: int = 8, bn_batch_size: int = 256,
-                    batch_size: int = 500, max_batches: int | None = None, seed: int = 0,
-                    channels_last: bool = True) -> float:
-    """Accuracy (%) of `arch` cut from `supernet` after re-estimating its BN statistics.
-
-    The subnet is extracted first, so the supernet's own statistics stay as they are; BN is
-    re-estimated on `bn_batches` seeded batches of `calibration` (a training split).
-    """
-    device = torch.device(device)
-    net = supernet.extract(arch).to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    recalibrate_bn(net, calibration_batches(calibration, arch.resolution, batch_size=bn_batch_size,
-                                            n_batches=bn_batches, device=device, seed=seed,
-                                            channels_last=channels_last))
-    correct, total = evaluate(net, split, arch.resolution, device=device, batch_size=batch_size,
-                              max_batches=max_batches, channels_last=channels_last)
-    return 100.0 * correct / max(total, 1)
 
 
 # ---- distributed ------------------------------------------------------------------------------------------

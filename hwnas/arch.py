@@ -1,0 +1,113 @@
+"""`Arch`: one subnet of a search space, as a frozen, hashable value with a stable id and a JSON form.
+
+Every stage of hwnas passes archs around (search results, best.json, the supernet, the latency
+table, the exported model's metadata), so an arch is plain data: it knows its space by name and
+its choices, and nothing of how they are built (`SearchSpace.blocks` does that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hwnas.errors import ArchError
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One subnet of a space.
+
+    `kernels` and `expands` list the active blocks only (stage by stage, `sum(depths)` entries),
+    so two archs that build the same network are equal and share an `arch_id`.
+    """
+
+    space: str
+    resolution: int
+    depths: tuple[int, ...]
+    kernels: tuple[int, ...]
+    expands: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        object.__setattr__(self, "kernels", tuple(int(k) for k in self.kernels))
+        object.__setattr__(self, "expands", tuple(float(e) if float(e) % 1 else int(e) for e in self.expands))
+        object.__setattr__(self, "resolution", int(self.resolution))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "space": self.space,
+            "resolution": self.resolution,
+            "depths": list(self.depths),
+            "kernels": list(self.kernels),
+            "expands": list(self.expands),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Arch:
+        if not isinstance(data, Mapping):
+            raise ArchError(f"an arch must be a JSON object, got {type(data).__name__}")
+        missing = [f for f in ("space", "resolution", "depths", "kernels", "expands") if f not in data]
+        if missing:
+            raise ArchError(f"arch is missing field(s): {', '.join(missing)}")
+        try:
+            return cls(
+                space=str(data["space"]),
+                resolution=int(data["resolution"]),
+                depths=tuple(data["depths"]),
+                kernels=tuple(data["kernels"]),
+                expands=tuple(data["expands"]),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ArchError(f"arch has a field of the wrong type: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> Arch:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ArchError(f"arch is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Arch:
+        """Read an arch from a JSON file: a bare arch, or an object holding one under "arch" (best.json)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ArchError(f"{path}: no such arch file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArchError(f"{path}: not a JSON arch file ({exc})") from None
+        if isinstance(data, Mapping) and "arch" in data and isinstance(data["arch"], Mapping):
+            data = data["arch"]
+        try:
+            return cls.from_dict(data)
+        except ArchError as exc:
+            raise ArchError(f"{path}: {exc}") from None
+
+    @classmethod
+    def parse(cls, text_or_path: str) -> Arch:
+        """An arch given on a command line: inline JSON, or the path of a JSON file."""
+        if text_or_path.lstrip().startswith("{"):
+            return cls.from_json(text_or_path)
+        return cls.from_file(text_or_path)
+
+    @property
+    def arch_id(self) -> str:
+        """A short stable id: the same arch gets the same id in every process and run."""
+        return hashlib.sha1(self.to_json().encode()).hexdigest()[:12]
+
+    def stage_slices(self) -> list[slice]:
+        """Where each stage's blocks sit in `kernels` and `expands`."""
+        slices, start = [], 0
+        for depth in self.depths:
+            slices.append(slice(start, start + depth))
+            start += depth
+        return slices
