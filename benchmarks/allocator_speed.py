@@ -50,8 +50,8 @@ def loaded_allocators() -> list[str]:
 def time_steps(batch: int, steps: int, seed: int = 0) -> dict[str, Any]:
     """In this process: seconds of each of `steps` sandwich steps after an untimed one, and the page faults."""
     from hwnas import spaces
+    from hwnas.recipe import TrainConfig, kd_loss, make_optimizer
     from hwnas.supernet import Supernet
-    from hwnas.train import TrainConfig, kd_loss, make_optimizer
 
     space = spaces.get("mbv3-32")
     torch.manual_seed(seed)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(time_steps(args.batch, args.steps)))
         return 0
     from hwnas.latency.device import cpu_model
-    from hwnas.latency.table import git_commit
+    from hwnas.provenance import git_commit
 
     found = find_allocators()
     ways = {name: found[name] for name in args.allocators if name == "glibc" or found[name] is not None}

@@ -55,9 +55,10 @@ def main() -> None:
 
     from hwnas import spaces
     from hwnas.checkpoint import load_supernet
-    from hwnas.commands.demo import SHIPPED, find_table
     from hwnas.data import load_dataset
+    from hwnas.demo import shipped_supernet
     from hwnas.deploy import deploy
+    from hwnas.latency.catalog import table_for_device
     from hwnas.latency.drift import check_drift, corrected
     from hwnas.latency.ondevice import subnet_timer
     from hwnas.latency.profiles import load_profile
@@ -73,9 +74,8 @@ def main() -> None:
         profile = table.profile
     else:
         profile = load_profile("cpu-onnxruntime")
-        table, how = find_table(space, profile, args.out, progress=False)
-        print(how)
-    supernet, _ = load_supernet(args.supernet or SHIPPED, space_name=space.name)
+        table, _ = table_for_device(space, profile, args.out, progress=False)
+    supernet, _ = load_supernet(args.supernet or shipped_supernet(), space_name=space.name)
     dataset = load_dataset("fashion-mnist", val_size=5000, seed=0)
     evaluator = SupernetEvaluator(supernet, dataset.val, dataset.train, max_batches=1, bn_batches=2, device="cpu")
 

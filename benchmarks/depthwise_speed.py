@@ -33,7 +33,7 @@ from hwnas import spaces
 from hwnas.blocks import build_network
 from hwnas.depthwise import depthwise_conv2d, fast_depthwise
 from hwnas.latency.device import cpu_model
-from hwnas.latency.table import git_commit
+from hwnas.provenance import git_commit
 from hwnas.space import Arch, SearchSpace
 from hwnas.supernet import ops
 from hwnas.supernet.model import Supernet

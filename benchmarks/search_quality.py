@@ -34,12 +34,12 @@ import pandas as pd
 
 from hwnas.checkpoint import load_supernet
 from hwnas.data import load_dataset
+from hwnas.evaluation import resolve_device
 from hwnas.fileio import atomic_write_text
 from hwnas.latency.table import LatencyTable
 from hwnas.search import differentiable_search, evolution_search, hypervolume, nsga_search, random_search
 from hwnas.search.evaluate import SupernetEvaluator
 from hwnas.search.predictor import AccuracyPredictor
-from hwnas.train import resolve_device
 
 QUANTILES = (0.25, 0.5, 0.75)
 STRATEGIES = ("evolution", "differentiable", "random")

@@ -42,12 +42,13 @@ import torch.distributed as tdist
 from hwnas.checkpoint import load_supernet
 from hwnas.data import Dataset, load_dataset
 from hwnas.errors import HwnasError
+from hwnas.evaluation import evaluate, resolve_device, subnet_accuracy
 from hwnas.fileio import atomic_write_text
 from hwnas.flops import arch_flops
+from hwnas.recipe import TrainConfig
 from hwnas.sampling import UniformSampler
 from hwnas.space import Arch, SearchSpace
 from hwnas.standalone import saved_progress, train_standalone
-from hwnas.train import TrainConfig, evaluate, resolve_device, subnet_accuracy
 
 GOAL_LARGEST, GOAL_SMALLEST, GOAL_GAP = 93.5, 91.0, -0.5
 

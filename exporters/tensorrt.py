@@ -4,9 +4,10 @@ Written against TensorRT 10's Python API (`execute_async_v3`, named I/O tensors,
 type-checked with `tensorrt-stubs`. TensorRT is optional: where it or a CUDA GPU is missing, every
 entry point raises `ExportError` with one line saying so, and nothing pretends an engine was built.
 
-int8 here is TensorRT's implicit quantisation with an entropy calibrator. NVIDIA deprecated the
-calibrator API in TensorRT 10.1 in favour of explicit quantisation (Q/DQ nodes in the ONNX, e.g.
-from TensorRT Model Optimizer); TensorRT 10.x still runs it, and it needs no extra package.
+int8 here is TensorRT's implicit quantisation with an entropy calibrator (`exporters.tensorrt_calibration`).
+NVIDIA deprecated the calibrator API in TensorRT 10.1 in favour of explicit quantisation (Q/DQ nodes
+in the ONNX, e.g. from TensorRT Model Optimizer); TensorRT 10.x still runs it, and it needs no extra
+package.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -25,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from exporters.tensorrt_calibration import CalibrationFeed, make_calibrator
 from hwnas.errors import ExportError
 from hwnas.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
     import tensorrt as trt
     import torch
-    from typing_extensions import Buffer
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INSTALL_HINT = "pip install 'hwnas[tensorrt]' on a machine with NVIDIA's registry and a CUDA GPU"
@@ -138,7 +139,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
         if len(inputs) != 1:
             raise ExportError(f"{onnx_path}: int8 calibration feeds one input; the model has {len(inputs)}")
         config.set_flag(trt.BuilderFlag.INT8)
-        feed = _CalibrationFeed(calibration_batches, input_shapes[inputs[0].name])
+        feed = CalibrationFeed(calibration_batches, input_shapes[inputs[0].name])
         if not feed.has_data and not cache_ready:
             raise ExportError("int8 calibration_batches is empty and there is no calibration_cache to use instead")
         if dynamic:
@@ -149,7 +150,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
             config.set_calibration_profile(calib_profile)
         # Deprecated since TensorRT 10.1, still honoured (module docstring). The local reference keeps the
         # Python calibrator alive for the whole build, whatever the bindings hold.
-        calibrator = _make_calibrator(feed, calibration_cache, device)
+        calibrator = make_calibrator(feed, calibration_cache, device)
         config.int8_calibrator = calibrator
 
     if timing_cache is not None:
@@ -360,85 +361,6 @@ def _logger() -> trt.ILogger:
                 print(f"[TensorRT] {severity}: {msg}", file=sys.stderr)
 
     return Logger()
-
-
-class _CalibrationFeed:
-    """The calibration data, checked for shape up front, and what became of it: the calibrator runs
-    inside TensorRT, where an exception would be lost, so problems are recorded here for `build_engine`."""
-
-    def __init__(self, batches: Iterable[np.ndarray] | None, input_shape: tuple[int, ...]) -> None:
-        self.problem = ""
-        self.batches_fed = 0
-        self.cache_used = False
-        self._iter: Iterator[np.ndarray] = iter(batches if batches is not None else ())
-        self._first: np.ndarray | None = next(self._iter, None)
-        if self._first is not None:
-            first = np.asarray(self._first)
-            if first.ndim != len(input_shape) or tuple(first.shape[1:]) != input_shape[1:]:
-                raise ExportError(f"calibration batches have shape {first.shape}, the model takes (N, "
-                                  f"{', '.join(map(str, input_shape[1:]))})")
-            if input_shape[0] > 0 and first.shape[0] != input_shape[0]:
-                raise ExportError(f"calibration batches hold {first.shape[0]} images; the model's batch is fixed "
-                                  f"at {input_shape[0]}")
-            self.shape: tuple[int, ...] = tuple(first.shape)
-        else:
-            self.shape = (max(input_shape[0], 1), *input_shape[1:])
-
-    @property
-    def has_data(self) -> bool:
-        return self._first is not None or self.batches_fed > 0
-
-    def next_batch(self) -> np.ndarray | None:
-        batch: np.ndarray | None
-        if self._first is not None:
-            batch, self._first = self._first, None
-        else:
-            batch = next(self._iter, None)
-        if batch is None:
-            return None
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if batch.shape != self.shape:
-            self.problem = (f"calibration batch {self.batches_fed + 1} has shape {batch.shape}, the first had "
-                            f"{self.shape}; give batches of one size (drop or pad the last)")
-            return None
-        self.batches_fed += 1
-        return batch
-
-
-def _make_calibrator(feed: _CalibrationFeed, cache_path: Path | None,
-                     device: torch.device) -> trt.IInt8EntropyCalibrator2:
-    """TensorRT's entropy calibrator fed from `feed`; the subclass is made here because its base class
-    exists only once tensorrt is imported."""
-    import tensorrt as trt
-    import torch
-
-    class Calibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self._device_batch: torch.Tensor | None = None  # kept alive while TensorRT reads it
-
-        def get_batch_size(self) -> int:
-            return feed.shape[0]
-
-        def get_batch(self, names: list[str]) -> list[int]:
-            batch = feed.next_batch()
-            if batch is None:
-                return []  # no more data: TensorRT finishes calibration
-            self._device_batch = torch.from_numpy(batch).to(device)
-            torch.cuda.synchronize(device)
-            return [int(self._device_batch.data_ptr())]
-
-        def read_calibration_cache(self) -> bytes | None:  # None: "no cache, calibrate"
-            if cache_path is not None and cache_path.is_file():
-                feed.cache_used = True
-                return cache_path.read_bytes()
-            return None
-
-        def write_calibration_cache(self, cache: Buffer) -> None:
-            if cache_path is not None:
-                atomic_write_bytes(cache_path, memoryview(cache).tobytes())
-
-    return Calibrator()
 
 
 def _dims(dims: trt.Dims) -> tuple[int, ...]:

@@ -63,7 +63,7 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
         os.close(dir_fd)
 
 
-def _why_unreadable(exc: BaseException) -> str:
+def why_unreadable(exc: BaseException) -> str:
     """torch's reason in one clause: its messages run to paragraphs of advice (weights_only=False, safe
     globals) that a user of the CLI cannot act on, sometimes with terminal colour codes."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
@@ -83,7 +83,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
         raise CheckpointError(f"{path}: not a readable hwnas checkpoint (truncated or another format: "
-                              f"{_why_unreadable(exc)})") from None
+                              f"{why_unreadable(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not an hwnas supernet checkpoint (field 'format' is {found!r}, "

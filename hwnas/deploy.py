@@ -13,47 +13,22 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from torch import nn
-
 from hwnas.errors import HwnasError
+from hwnas.evaluation import DEFAULT_SETTINGS, EvalSettings, accuracy, recalibrated_subnet
 from hwnas.space import Arch
 
 if TYPE_CHECKING:
     from hwnas.data import Dataset, Split
-    from hwnas.latency.backends import Timing
     from hwnas.latency.profiles import DeviceProfile
     from hwnas.latency.table import LatencyTable
     from hwnas.supernet import Supernet
 
 REPORT_NAME = "deploy.json"
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How the search scored an arch; the export repeats it so both see the same BN statistics."""
-
-    bn_batches: int = 8
-    bn_batch_size: int = 256
-    seed: int = 0
-    batch_size: int = 500
-    val_batches: int | None = None  # cap on validation batches, as `hwnas search --val-batches`
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> EvalSettings:
-        """The settings a search wrote into best.json (defaults for what it did not record)."""
-        out = cls()
-        kwargs = {}
-        for name in ("bn_batches", "bn_batch_size", "seed", "batch_size", "val_batches"):
-            value = record.get(name, getattr(out, name))
-            kwargs[name] = None if value is None else int(value)
-        return cls(**kwargs)
 
 
 @dataclass
@@ -93,28 +68,6 @@ class DeployReport:
         return asdict(self)
 
 
-def recalibrated_subnet(supernet: Supernet, arch: Arch, train: Split, settings: EvalSettings) -> nn.Module:
-    """The static subnet of `arch` on the CPU, BN re-estimated on the search's seeded training batches."""
-    from hwnas.supernet.bn import recalibrate_bn
-    from hwnas.train import calibration_batches
-
-    cpu = torch.device("cpu")
-    module = supernet.extract(arch).to(cpu)
-    recalibrate_bn(module, calibration_batches(train, arch.resolution, batch_size=settings.bn_batch_size,
-                                               n_batches=settings.bn_batches, device=cpu, seed=settings.seed))
-    return module.eval()
-
-
-def torch_accuracy(module: nn.Module, split: Split, resolution: int, *, batch_size: int = 500,
-                   max_batches: int | None = None) -> float:
-    """Accuracy (%) in torch on the CPU, as the search's evaluator computes it."""
-    from hwnas.train import evaluate
-
-    correct, total = evaluate(module, split, resolution, device=torch.device("cpu"), batch_size=batch_size,
-                              max_batches=max_batches)
-    return 100.0 * correct / max(total, 1)
-
-
 def ort_accuracy(onnx_path: str | Path, split: Split, resolution: int, *, batch_size: int = 500,
                  max_batches: int | None = None, threads: int | None = None) -> float:
     """Accuracy (%) of the exported file in ONNX Runtime on the same images and preprocessing as torch."""
@@ -127,75 +80,6 @@ def ort_accuracy(onnx_path: str | Path, split: Split, resolution: int, *, batch_
         correct += int((logits.argmax(1) == y.numpy()).sum())
         total += int(y.numel())
     return 100.0 * correct / max(total, 1)
-
-
-def measure_onnx(onnx_path: str | Path, profile: DeviceProfile, input_shape: tuple[int, int, int]) -> Timing:
-    """End-to-end latency of an ONNX file in ONNX Runtime, with the profile's threads, batch, warm-up and repeats."""
-    from exporters.onnx import ort_session
-    from hwnas.latency.backends import Timing, time_calls
-
-    session = ort_session(onnx_path, threads=profile.threads, providers=["CPUExecutionProvider"])
-    inp = session.get_inputs()[0]
-    feed = {inp.name: np.random.default_rng(0).standard_normal((profile.batch_size, *input_shape)).astype(np.float32)}
-    outputs = [o.name for o in session.get_outputs()]
-    return Timing.from_samples(time_calls(lambda: session.run(outputs, feed), profile.warmup, profile.repeats))
-
-
-MEASURE_ROUNDS = 16
-ROUND_GAP_S = 0.5
-
-
-def measure_artifact(profile: DeviceProfile, module: nn.Module, onnx_path: Path, input_shape: tuple[int, int, int],
-                     engine_path: Path | None = None, rounds: int = MEASURE_ROUNDS,
-                     gap_s: float = ROUND_GAP_S) -> tuple[Timing, str, list[float]]:
-    """Time what ships on the profile's backend: the ONNX file for ONNX Runtime, the engine for TensorRT,
-    the module itself for the torch backends (whose deployment is the torch model).
-
-    Measured the way the table was: in several rounds spread over time, each with a new session,
-    the quietest kept (`combine_timings`), as the profiler keeps the quietest of its interleaved
-    rounds. On the 2-vCPU development VM one ONNX Runtime model ran in either of two modes, about
-    1.9x apart, switching from one second to the next whether the session was new or kept (pinning
-    the thread did not settle it), the slow one up to three rounds in four; the table holds the
-    quiet mode, so one back-to-back run would compare a noisy moment with a quiet table. The slow
-    mode also came in spells of several seconds: 16 rounds 0.1 s apart once all landed in one
-    (1.7x the quiet time timed seconds before), so the rounds are spread over about 10 s. Every
-    round's statistic is returned and written to deploy.json, so the spread is reported rather
-    than hidden.
-    """
-    from hwnas.latency.profiler import combine_timings
-
-    once, artifact = _timer(profile, module, onnx_path, input_shape, engine_path)
-    timings = []
-    for i in range(max(1, rounds)):
-        if i:
-            time.sleep(gap_s)
-        timings.append(once())
-    return combine_timings(timings, profile.statistic), artifact, [t.value(profile.statistic) for t in timings]
-
-
-def _timer(profile: DeviceProfile, module: nn.Module, onnx_path: Path, input_shape: tuple[int, int, int],
-           engine_path: Path | None) -> tuple[Callable[[], Timing], str]:
-    """One round of timing of the artifact the profile deploys, and what that artifact is."""
-    if profile.backend == "onnxruntime-cpu":
-        return (lambda: measure_onnx(onnx_path, profile, input_shape)), str(onnx_path)
-    if profile.backend == "tensorrt":
-        if engine_path is None:
-            raise HwnasError(f"profile '{profile.name}' times TensorRT engines: export with --format tensorrt")
-        from exporters.tensorrt import EngineRunner
-        from hwnas.latency.backends import Timing, cuda_event_samples
-
-        runner = EngineRunner(engine_path, batch_size=profile.batch_size)
-        x = torch.randn(profile.batch_size, *input_shape, device="cuda")
-
-        def engine_round() -> Timing:
-            samples = cuda_event_samples(lambda: runner(x), profile.warmup, profile.repeats, torch.device("cuda"))
-            return Timing.from_samples(samples)
-
-        return engine_round, str(engine_path)
-    from hwnas.latency.backends import get_backend
-
-    backend = get_backend(profile)
-    return (lambda: backend.time_module(module, input_shape)), f"torch module ({profile.backend})"
 
 
 def _drift_now(table: LatencyTable | None, profile: DeviceProfile) -> float | None:
@@ -224,7 +108,7 @@ def _drift_note(factor: float | None, table: LatencyTable | None) -> str:
 
 
 def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Dataset | None = None,
-           settings: EvalSettings = EvalSettings(), profile: DeviceProfile | None = None,
+           settings: EvalSettings = DEFAULT_SETTINGS, profile: DeviceProfile | None = None,
            table: LatencyTable | None = None, budget_ms: float | None = None, search_accuracy: float | None = None,
            tensorrt: str | None = None, opset: int = 17, test_batches: int | None = None,
            metadata: Mapping[str, str] | None = None, simplify: bool = True, log: Any = print) -> DeployReport:
@@ -246,12 +130,14 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
     started = time.perf_counter()
     warnings: list[str] = []
 
+    val_acc: float | None
+    test_acc: float | None
     if dataset is not None:
         module = recalibrated_subnet(supernet, arch, dataset.train, settings)
-        val_acc = torch_accuracy(module, dataset.val, arch.resolution, batch_size=settings.batch_size,
-                                 max_batches=settings.val_batches)
-        test_acc = torch_accuracy(module, dataset.test, arch.resolution, batch_size=settings.batch_size,
-                                  max_batches=test_batches)
+        val_acc = accuracy(module, dataset.val, arch.resolution, batch_size=settings.batch_size,
+                           max_batches=settings.val_batches)
+        test_acc = accuracy(module, dataset.test, arch.resolution, batch_size=settings.batch_size,
+                            max_batches=test_batches)
         log(f"  accuracy (torch, BN re-estimated on {settings.bn_batches}x{settings.bn_batch_size} training images): "
             f"validation {val_acc:.2f} %, test {test_acc:.2f} %")
         if search_accuracy is not None and abs(val_acc - search_accuracy) > 0.1:
@@ -259,7 +145,7 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
                             "by more than 0.1 point (another dataset split or BN setting than the search's?)")
     else:
         module = supernet.extract(arch).eval()
-        val_acc = test_acc = None
+        val_acc = test_acc = None  # no data: a pipeline check
 
     predicted = table.predict(arch) if table is not None else None
     props = {"source": str(metadata.get("source", "")) if metadata else ""}
@@ -313,6 +199,8 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
         engine_settings=str(settings_path) if settings_path else None)
 
     if profile is not None:
+        from hwnas.latency.artifact import measure_artifact
+
         timing, artifact, per_round = measure_artifact(profile, module, export.path, shape,
                                                        Path(engine_path) if engine_path else None)
         report.profile, report.measured_artifact = profile.name, artifact
@@ -328,7 +216,7 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
         if budget_ms is not None:
             line += f", budget {budget_ms:g} ms"
         log(line)
-        if report.over_budget:
+        if report.over_budget and budget_ms is not None:
             report.drift_when_over = _drift_now(table, profile)
             warnings.append(f"measured latency {report.measured_ms:.4g} ms is OVER the budget of {budget_ms:g} ms "
                             f"({report.measured_ms / budget_ms:.3f}x); predicted was "
@@ -343,3 +231,18 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
     log(f"  done in {time.perf_counter() - started:.1f} s")
     return report
 
+
+def summary_table(reports: list[DeployReport]) -> str:
+    """One line per exported arch: budget, predicted, measured, accuracy, file."""
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    head = f"{'arch':<12} {'budget ms':>9} {'predicted':>9} {'measured':>9} {'meas/budget':>11} " \
+           f"{'test acc torch':>14} {'test acc ORT':>12}  file"
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        ratio = r.measured_ms / r.budget_ms if r.measured_ms is not None and r.budget_ms else None
+        lines.append(f"{r.arch_id:<12} {fmt(r.budget_ms, '9.4g')} {fmt(r.predicted_ms, '9.4g')} "
+                     f"{fmt(r.measured_ms, '9.4g')} {fmt(ratio, '11.3f')} {fmt(r.test_accuracy_torch, '13.2f')}% "
+                     f"{fmt(r.test_accuracy_ort, '11.2f')}%  {r.onnx_path}")
+    return "\n".join(lines)

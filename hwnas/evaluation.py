@@ -50,14 +50,21 @@ class EvalSettings:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> EvalSettings:
         """The settings a search wrote into its run record (defaults for what it did not record)."""
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            value = record.get(f.name, f.default)
-            kwargs[f.name] = None if value is None else int(value)
-        return cls(**kwargs)
+        defaults = cls()
+
+        def count(name: str) -> int:
+            value = record.get(name)
+            return int(getattr(defaults, name) if value is None else value)
+
+        cap = record.get("val_batches")
+        return cls(bn_batches=count("bn_batches"), bn_batch_size=count("bn_batch_size"), seed=count("seed"),
+                   batch_size=count("batch_size"), val_batches=None if cap is None else int(cap))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+DEFAULT_SETTINGS = EvalSettings()
 
 
 def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
@@ -120,7 +127,7 @@ def calibration_batches(train: Split, resolution: int, *, batch_size: int, n_bat
                                         max_batches=n_batches), channels_last)
 
 
-def recalibrated_subnet(supernet: Supernet, arch: Arch, train: Split, settings: EvalSettings = EvalSettings(), *,
+def recalibrated_subnet(supernet: Supernet, arch: Arch, train: Split, settings: EvalSettings = DEFAULT_SETTINGS, *,
                         device: torch.device | str = "cpu", channels_last: bool = False) -> nn.Module:
     """The static subnet of `arch` on `device`, in eval mode, BN re-estimated on `settings`' training batches.
 
@@ -148,5 +155,5 @@ def subnet_accuracy(supernet: Supernet, arch: Arch, split: Split, calibration: S
                     channels_last=channels_last)
 
 
-__all__ = ["EvalSettings", "accuracy", "calibration_batches", "evaluate", "recalibrated_subnet", "resolve_device",
-           "subnet_accuracy"]
+__all__ = ["DEFAULT_SETTINGS", "EvalSettings", "accuracy", "calibration_batches", "evaluate", "recalibrated_subnet",
+           "resolve_device", "subnet_accuracy"]

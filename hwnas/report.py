@@ -19,38 +19,10 @@ import numpy as np
 import pandas as pd
 
 from hwnas.fileio import atomic_write_text
-from hwnas.jsonable import jsonable
-from hwnas.search.base import SearchResult
+from hwnas.runrecord import RunRecord
+from hwnas.search.result import SearchResult
 
 FILES = ("candidates.csv", "pareto.csv", "pareto.png", "best.json", "summary.md")
-
-
-def _jsonable(value: Any) -> Any:
-    return jsonable(value, nonfinite_as_null=True)
-
-
-def best_record(result: SearchResult, context: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What best.json holds: the arch (readable by `Arch.from_file`), its predicted latency and accuracy."""
-    row = result.best_row
-    record: dict[str, Any] = {
-        "arch": None if row is None else json.loads(row["arch"]),
-        "arch_id": None if row is None else row["arch_id"],
-        "space": result.space,
-        "predicted_latency_ms": None if row is None else float(row["latency_ms"]),
-        "accuracy": None if row is None else float(row[result.metric]),
-        "accuracy_metric": result.metric,
-        "budget_ms": result.budget_ms,
-        "strategy": result.strategy,
-        "seed": result.seed,
-        "queries": result.queries,
-    }
-    if row is not None:
-        if result.metric != "accuracy":
-            record["search_accuracy"] = float(row["accuracy"])
-        record["flops"] = None if pd.isna(row["flops"]) else int(row["flops"])
-        record["params"] = None if pd.isna(row["params"]) else int(row["params"])
-    record.update(context or {})
-    return _jsonable(record)
 
 
 def _md_table(frame: pd.DataFrame, columns: Sequence[str], formats: Mapping[str, str] | None = None) -> str:
@@ -108,19 +80,20 @@ def plot_front(result: SearchResult, path: str | Path) -> Path:
     return path
 
 
-def summary_markdown(result: SearchResult, best: Mapping[str, Any], files: Mapping[str, Path],
-                     context: Mapping[str, Any] | None = None) -> str:
+def summary_markdown(result: SearchResult, record: RunRecord, files: Mapping[str, Path]) -> str:
     """A page a person reads first: budget, best arch, population quality, the front, where the files are."""
     metric = result.metric
     lines = [f"# hwnas search: {result.strategy} on {result.space}", ""]
     rng = result.info.get("feasible_range_ms")
-    budget = "none" if result.budget_ms is None else f"{result.budget_ms:g} ms"
+    budget = "none" if record.budget_ms is None else f"{record.budget_ms:g} ms"
+    if record.search_budget_ms is not None:
+        budget += f", searched under {record.search_budget_ms:.4g} ms (margin {record.margin:g})"
     if rng:
         how = "exact" if result.info.get("range_exact") else "estimated"
         budget += f" (space's predicted range {rng[0]:.4g}-{rng[1]:.4g} ms, {how})"
     lines += [f"- budget: {budget}", f"- seed: {result.seed}",
               f"- evaluated: {result.queries} archs; stopped: {result.stop_reason}"]
-    for key, value in (context or {}).items():
+    for key, value in record.context_items():
         lines.append(f"- {key}: {value}")
     lines.append("")
     if result.best_row is None:
@@ -135,7 +108,7 @@ def summary_markdown(result: SearchResult, best: Mapping[str, Any], files: Mappi
             lines.append(f"- accuracy the search saw: {row['accuracy']:.4g}")
         if not pd.isna(row["flops"]):
             lines.append(f"- FLOPs: {row['flops'] / 1e6:.2f} M, params: {row['params'] / 1e6:.3f} M")
-        lines += ["", "```json", json.dumps(best["arch"]), "```", ""]
+        lines += ["", "```json", json.dumps(record.arch), "```", ""]
     hist = result.history
     if len(hist):
         per_step = "multiplier" in hist.columns  # the differentiable strategy logs its distribution per step
@@ -159,9 +132,10 @@ def summary_markdown(result: SearchResult, best: Mapping[str, Any], files: Mappi
     return "\n".join(lines)
 
 
-def write_report(result: SearchResult, out_dir: str | Path, context: Mapping[str, Any] | None = None
-                 ) -> dict[str, Path]:
-    """Write the five files into `out_dir` (created if needed); returns their paths by name."""
+def write_report(result: SearchResult, out_dir: str | Path, record: RunRecord | None = None) -> dict[str, Path]:
+    """Write the five files (and history.csv) into `out_dir` (created if needed); returns their paths by name.
+
+    `record` is best.json (default: the result's own, with no context)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {name: out / name for name in FILES}
@@ -170,12 +144,12 @@ def write_report(result: SearchResult, out_dir: str | Path, context: Mapping[str
     tmp = out / ".pareto.png.tmp.png"
     plot_front(result, tmp)
     tmp.replace(files["pareto.png"])
-    best = best_record(result, context)
-    atomic_write_text(files["best.json"], json.dumps(best, indent=2) + "\n")
+    record = record if record is not None else RunRecord.from_result(result)
+    record.write(files["best.json"])
     history = out / "history.csv"
     atomic_write_text(history, result.history.to_csv(index=False, float_format="%.6g"))
     files["history.csv"] = history
-    atomic_write_text(files["summary.md"], summary_markdown(result, best, files, context))
+    atomic_write_text(files["summary.md"], summary_markdown(result, record, files))
     return files
 
 

@@ -17,21 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hwnas.checkpoint import _why_unreadable
+from hwnas.checkpoint import why_unreadable
 from hwnas.data import Dataset
+from hwnas.evaluation import resolve_device
 from hwnas.fileio import atomic_open
-from hwnas.space import Arch, SearchSpace
-from hwnas.train import (
+from hwnas.recipe import (
     CosineSchedule,
+    ResolutionCache,
     TrainConfig,
     TrainingError,
-    _autocast,
-    _epoch_seed,
-    _Inputs,
-    _to_cpu,
+    autocast,
+    epoch_seed,
     make_optimizer,
-    resolve_device,
+    to_cpu,
 )
+from hwnas.space import Arch, SearchSpace
 
 STATE_FORMAT = "hwnas-standalone-state"
 
@@ -44,8 +44,8 @@ def _recipe(config: TrainConfig) -> dict[str, Any]:
 def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 arch: Arch, config: TrainConfig, epoch: int, step: int, seconds: float, device: torch.device) -> None:
     state = {"format": STATE_FORMAT, "arch": arch.to_dict(), "recipe": _recipe(config), "epoch": epoch,
-             "step": step, "seconds": seconds, "model": _to_cpu(model.state_dict()),
-             "optimizer": _to_cpu(optimizer.state_dict()),
+             "step": step, "seconds": seconds, "model": to_cpu(model.state_dict()),
+             "optimizer": to_cpu(optimizer.state_dict()),
              "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
     with atomic_open(path) as handle:
@@ -56,7 +56,7 @@ def _load_state(path: Path, arch: Arch, config: TrainConfig) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
-        raise TrainingError(f"{path}: not a readable stand-alone training state ({_why_unreadable(exc)}); "
+        raise TrainingError(f"{path}: not a readable stand-alone training state ({why_unreadable(exc)}); "
                             "delete it to train from scratch") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path}: not a stand-alone training state (field 'format'); delete it or choose "
@@ -154,14 +154,14 @@ def train_standalone(space: SearchSpace, arch: Arch, dataset: Dataset, config: T
         with fast_depthwise(model):  # the same function; the CPU's slow depthwise weight gradient avoided
             for epoch in range(first_epoch, config.epochs):
                 batches = dataset.train.batches(config.batch_size, shuffle=True,
-                                                seed=_epoch_seed(config.seed, epoch, 0), augment=config.augment,
+                                                seed=epoch_seed(config.seed, epoch, 0), augment=config.augment,
                                                 drop_last=True, device=device, max_batches=steps)
                 for x, y in batches:
                     for group in optimizer.param_groups:
                         group["lr"] = schedule.lr(step)
                     optimizer.zero_grad(set_to_none=True)
-                    inputs = _Inputs(x, channels_last)
-                    with _autocast(device, config):
+                    inputs = ResolutionCache(x, channels_last)
+                    with autocast(device, config):
                         logits = model(inputs.at(arch.resolution))
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
                     scaler.scale(loss).backward()

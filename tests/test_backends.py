@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from torch import nn
 
 from hwnas import spaces
 from hwnas.blocks import build_block, build_network
-from hwnas.errors import HwnasError, ProfileError
+from hwnas.errors import ExportError, HwnasError, ProfileError
+from hwnas.latency.artifact import artifact_timer
 from hwnas.latency.backends import CudaGraphRunner, Timing, get_backend
 from hwnas.latency.profiles import DeviceProfile, load_profile
 
@@ -129,6 +131,34 @@ def test_get_backend_refuses_a_device_the_profile_does_not_expect() -> None:
         get_backend(profile)
 
 
+# ---- shipped artifacts ------------------------------------------------------------------------------------------
+def test_artifact_timer_times_the_onnx_file_in_a_new_onnx_runtime_session_each_round(tmp_path: Path) -> None:
+    from exporters.onnx import export_module
+
+    net, shape = small_network()
+    profile = tiny("onnxruntime-cpu", batch_size=2)
+    path = export_module(net, tmp_path / "subnet.onnx", shape, batch_size=2, dynamic_batch=False)
+    once, artifact = artifact_timer(profile, module=net, onnx_path=path, engine_path=None, input_shape=shape)
+    assert artifact == str(path)
+    assert_sane(once(), profile.repeats)  # a fixed batch of 2: the feed has the profile's batch
+    assert_sane(once(), profile.repeats)
+    path.unlink()
+    with pytest.raises(ExportError, match="no such ONNX file"):  # the file is timed, not the module
+        once()
+
+
+def test_artifact_timer_times_the_module_for_torch_and_needs_an_engine_for_tensorrt(tmp_path: Path) -> None:
+    net, shape = small_network()
+    profile = tiny("torch-cpu")
+    once, artifact = artifact_timer(profile, module=net, onnx_path=tmp_path / "absent.onnx", engine_path=None,
+                                    input_shape=shape)
+    assert artifact == "torch module (torch-cpu)"
+    assert_sane(once(), profile.repeats)
+    with pytest.raises(HwnasError, match="times TensorRT engines: export with --format tensorrt"):
+        artifact_timer(load_profile("cuda-tensorrt-fp16"), module=net, onnx_path=tmp_path / "absent.onnx",
+                       engine_path=None, input_shape=shape)
+
+
 # ---- CUDA -----------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(CUDA, reason="checks the error where no CUDA GPU is present")
 @pytest.mark.parametrize("name", ["cuda-torch-fp16", "cuda-torch-graph", "cuda-tensorrt-fp16"])
@@ -229,6 +259,23 @@ def test_tensorrt_times_a_real_block() -> None:
     block, shape = small_block()
     assert_sane(runner.time_module(block, shape), profile.repeats)
     assert_sane(runner.time_module(block, shape), profile.repeats)  # the engine is reused
+
+
+@pytest.mark.skipif(not (CUDA and _tensorrt_present()), reason="needs a CUDA device and TensorRT")
+@pytest.mark.gpu
+def test_artifact_timer_times_a_built_engine(tmp_path: Path) -> None:
+    from exporters.onnx import export_module
+    from exporters.tensorrt import build_engine
+
+    net, shape = small_network()
+    profile = tiny("tensorrt", "fp16", batch_size=2)
+    onnx_path = export_module(net, tmp_path / "subnet.onnx", shape, batch_size=2, dynamic_batch=False)
+    engine = build_engine(onnx_path, tmp_path / "subnet.engine", precision="fp16", min_batch=2, opt_batch=2,
+                          max_batch=2).engine_path
+    once, artifact = artifact_timer(profile, module=net, onnx_path=onnx_path, engine_path=engine, input_shape=shape)
+    assert artifact == str(engine)
+    assert_sane(once(), profile.repeats)
+    assert_sane(once(), profile.repeats)  # the engine is loaded once and kept
 
 
 @pytest.mark.skipif(not CUDA or _tensorrt_present(), reason="checks the error where CUDA is present, TensorRT not")

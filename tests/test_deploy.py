@@ -14,8 +14,8 @@ import pytest
 
 from exporters.onnx import read_arch, read_metadata
 from hwnas.checkpoint import load_supernet
-from hwnas.commands.demo import SHIPPED
 from hwnas.data import load_dataset
+from hwnas.demo import shipped_supernet
 from hwnas.deploy import EvalSettings, deploy
 from hwnas.latency.backends import Timing
 from hwnas.latency.profiles import load_profile
@@ -23,6 +23,7 @@ from hwnas.latency.table import LatencyTable
 from hwnas.search.evaluate import SupernetEvaluator
 from hwnas.supernet import Supernet
 
+SHIPPED = shipped_supernet()
 SETTINGS = EvalSettings(bn_batches=2, bn_batch_size=128, seed=3, batch_size=500, val_batches=2)
 
 

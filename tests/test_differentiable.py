@@ -220,7 +220,7 @@ def test_history_logs_the_distribution_per_step_and_the_report_writes_it(trio: P
     assert history["expected_latency_ms"].iloc[0] == pytest.approx(uniform)  # the first step starts uniform
     assert history["entropy"].iloc[-1] < history["entropy"].iloc[0]
     assert history["queries"].is_monotonic_increasing
-    files = write_report(result, tmp_path, {"note": "test"})
+    files = write_report(result, tmp_path)
     written = pd.read_csv(files["history.csv"])
     assert list(written.columns) == list(history.columns) and len(written) == len(history)
     assert Arch.from_file(files["best.json"]) == result.best

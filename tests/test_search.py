@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from hwnas.errors import ArchError, BudgetError, HwnasError
+from hwnas.genes import GeneCodec
 from hwnas.latency.backends import Timing
 from hwnas.latency.table import LatencyTable
 from hwnas.search import (
@@ -34,7 +35,6 @@ from hwnas.search import (
     random_search,
     search,
 )
-from hwnas.search.base import GeneCodec
 from hwnas.search.pareto import dominates
 from hwnas.space import Arch, SearchSpace, StageSpec
 
@@ -228,8 +228,8 @@ class LookupAccuracy:
         return float(self.acc[self.index[arch]])
 
 
-@pytest.fixture(scope="module")
-def tiny() -> Problem:
+def tiny_problem() -> Problem:
+    """TINY with the synthetic table and an accuracy that rises with latency, every arch enumerated."""
     table = synthetic_table(TINY)
     archs = every_arch(TINY)
     assert len(archs) == TINY.size() == 16000
@@ -237,6 +237,11 @@ def tiny() -> Problem:
     features = np.stack([TINY.encode(a) for a in archs])
     acc = 50 + 25 * lat / lat.max() + features @ np.random.default_rng(3).normal(0, 0.6, TINY.encoding_size)
     return Problem(TINY, table, LookupAccuracy(archs, acc), archs, lat, acc)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Problem:
+    return tiny_problem()
 
 
 def run(strategy: str, problem: Problem, budget: float | None, **options: Any) -> SearchResult:
@@ -452,7 +457,7 @@ def test_gene_codec_round_trips_and_breeds_valid_archs() -> None:
 
 def test_slot_latency_prices_gene_rows_as_the_table_does(tiny: Problem) -> None:
     from hwnas import spaces
-    from hwnas.search.base import SlotLatency
+    from hwnas.genes import SlotLatency
 
     for space in (TINY, spaces.get("mbv3-32")):
         table = synthetic_table(space)

@@ -9,8 +9,8 @@ import torch
 
 from hwnas import spaces
 from hwnas.data import load_dataset
+from hwnas.recipe import TrainConfig, TrainingError
 from hwnas.standalone import saved_progress, train_standalone
-from hwnas.train import TrainConfig, TrainingError
 from tests.test_data import write_fashion_dir
 
 CONFIG = TrainConfig(epochs=3, batch_size=8, steps_per_epoch=2, warmup_epochs=0.5, num_sampled=0, device="cpu")
@@ -32,7 +32,7 @@ def _kill_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Raise KeyboardInterrupt (as a kill would end the run) when training reaches `step`."""
     import hwnas.standalone as module
 
-    real, calls = module._Inputs, [0]
+    real, calls = module.ResolutionCache, [0]
 
     def counting(*args, **kwargs):
         calls[0] += 1
@@ -40,7 +40,7 @@ def _kill_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "_Inputs", counting)
+    monkeypatch.setattr(module, "ResolutionCache", counting)
 
 
 def test_killed_mid_epoch_and_continued_ends_bit_identical(dataset, space, tmp_path: Path,

@@ -47,7 +47,7 @@ def test_scratch_only_trains_with_a_runs_recipe_and_a_rerun_reuses_the_results(t
                                                                                 capsys: pytest.CaptureFixture) -> None:
     import json
 
-    from hwnas.train import TrainConfig
+    from hwnas.recipe import TrainConfig
     from tests.test_data import write_fashion_dir
 
     write_fashion_dir(tmp_path / "fm", gz=True, n_train=60, n_test=20)

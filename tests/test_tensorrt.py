@@ -104,6 +104,7 @@ def repaired_stubs(dest: Path) -> Path:
 
 
 def test_tensorrt_exporter_type_checks_against_tensorrt_stubs(tmp_path: Path) -> None:
+    """exporters/tensorrt.py and its int8 calibrator, exporters/tensorrt_calibration.py."""
     if importlib.util.find_spec("mypy") is None:
         pytest.skip("mypy is not installed (pip install 'hwnas[dev]')")
     stubs = repaired_stubs(tmp_path / "stubs")
@@ -112,12 +113,13 @@ def test_tensorrt_exporter_type_checks_against_tensorrt_stubs(tmp_path: Path) ->
     probe.write_text("import tensorrt as trt\n\n"
                      "config = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_builder_config()\n"
                      "config.set_flag('FP16')\n")
+    checked = ("exporters/tensorrt.py", "exporters/tensorrt_calibration.py")
     proc = subprocess.run(
-        [sys.executable, "-m", "mypy", "--show-error-codes", "exporters/tensorrt.py", str(probe)],
+        [sys.executable, "-m", "mypy", "--show-error-codes", *checked, str(probe)],
         cwd=ROOT, env={**os.environ, "MYPYPATH": str(stubs)}, capture_output=True, text=True, timeout=300,
     )
     output = proc.stdout + proc.stderr
-    ours = [line for line in output.splitlines() if line.startswith("exporters/tensorrt.py")]
+    ours = [line for line in output.splitlines() if line.startswith(tuple(f"{path}:" for path in checked))]
     assert ours == [], output
     assert re.search(r"probe_misuse\.py:4: error: .*set_flag.*BuilderFlag", output), output
 

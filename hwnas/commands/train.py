@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hwnas.train import TrainConfig
+    from hwnas.recipe import TrainConfig
 
 EXAMPLE = """examples:
   hwnas train --space mbv3-32 --data fashion-mnist --epochs 40 --out runs/fmnist
@@ -22,7 +22,7 @@ loss, validation accuracy of the largest and smallest subnet after BN re-estimat
 and OUT/train_config.json. --resume continues the same trajectory; it needs the same settings.
 """
 
-# Defaults mirror hwnas.train.TrainConfig (tests/test_train.py checks that they agree); they are
+# Defaults mirror hwnas.recipe.TrainConfig (tests/test_train.py checks that they agree); they are
 # spelled out here so that 'hwnas --help' does not import torch.
 DEFAULTS = {
     "epochs": 40, "batch_size": 512, "lr": 0.25, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 2e-4,
@@ -95,7 +95,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig that the arguments describe."""
-    from hwnas.train import TrainConfig
+    from hwnas.recipe import TrainConfig
 
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,

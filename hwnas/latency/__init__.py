@@ -1,4 +1,5 @@
-"""Latency: device profiles, backends, fingerprints, profiler, lookup tables, validation.
+"""Latency: device profiles, backends, fingerprints, profiler, lookup tables (their files, calibration and
+target matching), validation.
 
 Names are imported on first use, so that loading a table for a search does not import torch.
 """

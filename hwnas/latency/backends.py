@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from hwnas.errors import HwnasError
+from hwnas.latency.cuda_timing import CudaGraphRunner, HeuristicKernels, cuda_event_samples
 from hwnas.latency.profiles import BACKENDS, DeviceProfile, load_profile
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["BACKENDS", "Backend", "CudaGraphRunner", "Timing", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "CudaGraphRunner", "Timing", "get_backend", "time_calls"]
 
 SEED = 0  # inputs are random but the same in every run: values do not change latency, NaNs might
 
@@ -162,7 +163,17 @@ class OnnxRuntimeCpuBackend:
 
     def time_module(self, module: nn.Module, input_shape: tuple[int, int, int]) -> Timing:
         shape = _check_shape(input_shape)
-        session = self.session(module, shape)
+        return self._time_session(self.session(module, shape), shape)
+
+    def time_onnx(self, path: str | Path, input_shape: tuple[int, int, int]) -> Timing:
+        """End-to-end latency of an ONNX file (an exported subnet, as it ships) in a new session per call."""
+        from exporters.onnx import ort_session
+
+        shape = _check_shape(input_shape)
+        session = ort_session(path, threads=self.profile.threads, providers=["CPUExecutionProvider"])
+        return self._time_session(session, shape)
+
+    def _time_session(self, session: Any, shape: tuple[int, int, int]) -> Timing:
         feed = {session.get_inputs()[0].name: _random_input(self.profile.batch_size, shape)}
         outputs = [o.name for o in session.get_outputs()]
         samples = time_calls(lambda: session.run(outputs, feed), self.profile.warmup, self.profile.repeats)
@@ -228,55 +239,6 @@ class TorchCpuBackend:
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------------------
-class _CudaSettings:
-    """cuDNN's heuristic algorithm choice for the timing (no autotuning), restored after.
-
-    With `cudnn.benchmark` each process times candidate kernels afresh and may pick another one for
-    the same shape, so a block measured in the profiler and the same block inside a validated
-    network could run different kernels; the heuristic choice is the same in every process.
-    """
-
-    def __enter__(self) -> None:
-        import torch
-
-        self.benchmark = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = False
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        torch.backends.cudnn.benchmark = self.benchmark
-
-
-def cuda_event_samples(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> list[float]:
-    """GPU time (ms) of each of `repeats` calls of `fn`, from CUDA event pairs on the current stream.
-
-    All events are recorded back to back and read after one synchronisation, so the CPU never
-    stalls the stream between samples; a sample is what the stream took from the start event to
-    the end event, idle gaps while the CPU was still launching included.
-    """
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    stream = torch.cuda.current_stream(device)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    torch.cuda.synchronize(device)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for start, end in zip(starts, ends, strict=True):
-            start.record(stream)
-            fn()
-            end.record(stream)
-        torch.cuda.synchronize(device)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return [start.elapsed_time(end) for start, end in zip(starts, ends, strict=True)]
-
-
 class TorchCudaBackend:
     """Eager PyTorch on a CUDA GPU: fp16 by `.half()` (or fp32), channels_last if asked, inference_mode."""
 
@@ -302,45 +264,9 @@ class TorchCudaBackend:
         import torch
 
         model, x = self.prepare(module, input_shape)
-        with torch.cuda.device(self.device), _CudaSettings(), torch.inference_mode():
+        with torch.cuda.device(self.device), HeuristicKernels(), torch.inference_mode():
             samples = cuda_event_samples(lambda: model(x), self.profile.warmup, self.profile.repeats, self.device)
         return Timing.from_samples(samples)
-
-
-class CudaGraphRunner:
-    """One forward of `model` captured in a CUDA graph, replayed on a static input and output.
-
-    Captured under `no_grad` rather than `inference_mode`: the replayed kernels are the same, and
-    torch's graph machinery has mishandled inference tensors created at a first capture.
-    """
-
-    def __init__(self, model: nn.Module, example: torch.Tensor, warmup: int = 3) -> None:
-        import torch
-
-        self.device = example.device
-        self.static_input = example.clone()
-        with torch.cuda.device(self.device), torch.no_grad():
-            # Lazy initialisation (cuDNN/cuBLAS handles, workspaces) must happen before capture, and
-            # on a side stream, as torch.cuda.graph's documentation prescribes.
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(max(1, warmup)):
-                    model(self.static_input)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_output = model(self.static_input)
-        torch.cuda.synchronize(self.device)
-
-    def replay(self) -> None:
-        self.graph.replay()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Copy `x` into the static input, replay, and return (a reference to) the static output."""
-        self.static_input.copy_(x)
-        self.graph.replay()
-        return self.static_output
 
 
 class TorchCudaGraphBackend(TorchCudaBackend):
@@ -352,7 +278,7 @@ class TorchCudaGraphBackend(TorchCudaBackend):
         import torch
 
         model, x = self.prepare(module, input_shape)
-        with torch.cuda.device(self.device), _CudaSettings():
+        with torch.cuda.device(self.device), HeuristicKernels():
             runner = CudaGraphRunner(model, x)
             samples = cuda_event_samples(runner.replay, self.profile.warmup, self.profile.repeats, self.device)
         del runner
@@ -384,6 +310,7 @@ class TensorRTBackend:
         self._workdir = tempfile.TemporaryDirectory(prefix="hwnas-trt-")
         self.timing_cache = Path(self._workdir.name) / "timing.cache"
         self._engines: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], Any]] = weakref.WeakKeyDictionary()
+        self._files: dict[tuple[Path, int], Any] = {}  # engine files' runners, by path and modification time
         self._built = 0
 
     def runner(self, module: nn.Module, input_shape: tuple[int, int, int]) -> Any:
@@ -410,8 +337,25 @@ class TensorRTBackend:
         runner = self.runner(module, input_shape)
         return Timing.from_samples(runner.time(self.profile.warmup, self.profile.repeats))
 
+    def time_engine(self, path: str | Path, input_shape: tuple[int, int, int]) -> Timing:
+        """Latency of a built engine file (an exported subnet, as it ships); the engine is loaded on the
+        first call and kept until the file changes."""
+        from exporters.tensorrt import EngineRunner
+
+        shape = _check_shape(input_shape)
+        path = Path(path)
+        key = (path, path.stat().st_mtime_ns if path.is_file() else -1)
+        if key not in self._files:
+            self._files[key] = EngineRunner(path, self.profile.batch_size)  # no file: an ExportError naming it
+        runner = self._files[key]
+        if runner.input_shape != (self.profile.batch_size, *shape):
+            raise HwnasError(f"{path}: the engine takes inputs of shape {runner.input_shape}, "
+                             f"not {(self.profile.batch_size, *shape)}")
+        return Timing.from_samples(runner.time(self.profile.warmup, self.profile.repeats))
+
     def clear(self) -> None:
         self._engines.clear()
+        self._files.clear()
 
 
 _CLASSES: dict[str, type] = {

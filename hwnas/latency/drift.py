@@ -11,6 +11,7 @@ measures that factor in seconds; `LatencyTable.with_drift` then predicts for the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -136,3 +137,23 @@ def corrected(table: LatencyTable, check: DriftCheck) -> LatencyTable:
     """The table scaled by the measured factor (a copy; see `LatencyTable.with_drift`)."""
     return table.with_drift(check.factor, {"anchors": len(check.arch_ids), "seconds": round(check.seconds, 2),
                                            "range": [min(check.ratios), max(check.ratios)]})
+
+
+def apply_drift(table: LatencyTable, check: DriftCheck, *, correct: bool, log: Callable[[str], None],
+                warn: Callable[[str], None], label: str = "") -> LatencyTable:
+    """Say what `check` found and return the table to predict with in this run.
+
+    Within the tolerance: the table as it is. Beyond it: with `correct`, a copy scaled by the
+    measured factor (`corrected`; the table on disk is unchanged and the run records the factor);
+    without, the table as it is and a warning that its predictions are off by about that much.
+    """
+    log(f"{label}{check.describe()}")
+    if not check.significant:
+        return table
+    if correct:
+        log(f"  predictions scaled by {check.factor:.3f} for this run (recorded in best.json; the table is "
+            "unchanged)")
+        return corrected(table, check)
+    warn(f"{table.path}: predictions may be off by about {(check.factor - 1) * 100:+.0f} % on this device now "
+         "(--drift correct scales them; or profile again)")
+    return table

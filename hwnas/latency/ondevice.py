@@ -15,7 +15,7 @@ from hwnas.latency.profiler import measure_subnets
 from hwnas.latency.table import LatencyTable
 from hwnas.space import Arch
 
-# The quiet mode of a shared VM showed in one round in four at worst (see deploy.measure_artifact).
+# The quiet mode of a shared VM showed in one round in four at worst (see hwnas.latency.artifact.measure_artifact).
 DEFAULT_ROUNDS = 8
 
 

@@ -4,6 +4,8 @@ A table is two files: `<device-slug>__<profile>.csv` (key, kind, median_ms, p10_
 mean_ms) and `<same>.meta.json` (space spec, profile, device fingerprint, calibration). Prediction is
 `intercept + sum over blocks of (scale[kind] * t_block + per_block[kind])`: separable over blocks, so a
 search can cache per-block costs and the exact latency range of a space needs no enumeration.
+The calibration is fitted in `hwnas.latency.calibration`, a table is matched to its target in
+`hwnas.latency.target`, and its files are read in `hwnas.latency.table_files`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -23,156 +24,27 @@ import pandas as pd
 from hwnas.errors import ArchError, LatencyTableError
 from hwnas.fileio import atomic_write_text
 from hwnas.jsonable import jsonable as _jsonable
-from hwnas.space import Arch, BlockSpec, SearchSpace
+from hwnas.latency import calibration as _calibration
+from hwnas.latency import target as _target
+from hwnas.latency.calibration import identity_calibration
+from hwnas.latency.table_files import (
+    COLUMNS,
+    FORMAT_VERSION,
+    KINDS,
+    OPTIONAL_COLUMNS,
+    meta_path_for,
+    read_meta,
+    read_rows,
+)
+from hwnas.provenance import git_commit
+from hwnas.space import Arch, BlockSpec, SearchSpace, Slot
 
-FORMAT_VERSION = 1
-KINDS = ("stem", "first", "mbconv", "head")
-COLUMNS = ("key", "kind", "median_ms", "p10_ms", "p90_ms", "n")
-OPTIONAL_COLUMNS = ("mean_ms", "min_ms")
-META_FIELDS = ("format_version", "space", "profile", "fingerprint", "device_slug", "calibration")
+__all__ = ["LatencyTable", "meta_path_for"]
 
-# Profile fields that decide what a number means; the rest (name, warm-up, repeats, notes) only how
-# carefully it was measured.
-PROFILE_IDENTITY_FIELDS = ("backend", "precision", "batch_size", "threads", "statistic", "device", "channels_last")
-PROFILE_SOFT_FIELDS = ("name", "warmup", "repeats")
-
-CALIBRATION_KINDS = ("none", "scale", "linear", "linear+blocks", "per-kind")
-MISMATCH_HINT = "pass allow_mismatch=True (CLI: --allow-mismatch) to use it anyway"
-
-
-# ---- small file helpers ------------------------------------------------------------------------------
-def meta_path_for(csv_path: str | Path) -> Path:
-    path = Path(csv_path)
-    return path.with_name(path.name.removesuffix(".csv") + ".meta.json")
+# The keys of one resolution's blocks: (stem, first, head), and the inverted residual's per slot choice.
+SlotKeys = tuple[tuple[str, str, str], dict[Slot, str]]
 
 
-def git_commit() -> str | None:
-    """The commit of the hwnas checkout, if it is one: recorded so a table can be traced to its code."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _profile_dict(profile: Any) -> dict[str, Any] | None:
-    if profile is None:
-        return None
-    return _jsonable(profile)
-
-
-def _diff_fields(label: str, recorded: Mapping[str, Any], current: Mapping[str, Any],
-                 names: Iterable[str]) -> list[str]:
-    diffs = []
-    for name in names:
-        a, b = recorded.get(name), current.get(name)
-        if a != b:
-            diffs.append(f"{label} {name} {a!r} != {b!r}")
-    return diffs
-
-
-def space_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Which fields of two space specs differ (name first): a table is only valid for its own space."""
-    recorded, current = _jsonable(recorded), _jsonable(current)
-    diffs = _diff_fields("space", recorded, current, ["name"])
-    others = sorted((set(recorded) | set(current)) - {"name", "description"})
-    diffs += _diff_fields("space", recorded, current, others)
-    return diffs
-
-
-def profile_differences(recorded: Mapping[str, Any] | None,
-                        current: Mapping[str, Any] | None) -> tuple[list[str], list[str]]:
-    """(identity, soft) differences between two profiles; identity ones change what a number means."""
-    if recorded is None or current is None:
-        return [], []
-    recorded, current = _jsonable(recorded), _jsonable(current)
-    return (_diff_fields("profile", recorded, current, PROFILE_IDENTITY_FIELDS),
-            _diff_fields("profile", recorded, current, PROFILE_SOFT_FIELDS))
-
-
-# ---- calibration ---------------------------------------------------------------------------------------
-def _identity_calibration() -> dict[str, Any]:
-    return {"kind": "none", "coefficients": {"intercept": 0.0, "scale": dict.fromkeys(KINDS, 1.0),
-                                             "per_block": dict.fromkeys(KINDS, 0.0)},
-            "n_subnets": 0, "residuals": {}}
-
-
-def _design(kind: str, feats: np.ndarray) -> np.ndarray:
-    """Columns of the model `kind` from per-arch features [t_stem, t_first, t_mbconv, t_head, n_mbconv]."""
-    t_all = feats[:, :4].sum(axis=1)
-    one = np.ones(len(feats))
-    if kind == "scale":
-        return t_all[:, None]
-    if kind == "linear":
-        return np.column_stack([t_all, one])
-    if kind == "linear+blocks":
-        return np.column_stack([t_all, feats[:, 4], one])
-    if kind == "per-kind":
-        t_fixed = feats[:, 0] + feats[:, 1] + feats[:, 3]
-        return np.column_stack([feats[:, 2], t_fixed, feats[:, 4], one])
-    raise ValueError(kind)
-
-
-# Which design columns are scales (kept > 0 so that prediction is monotone in every block's time).
-_N_SCALES = {"scale": 1, "linear": 1, "linear+blocks": 1, "per-kind": 2}
-
-
-def _solve(kind: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Huber fit of relative residuals (x @ w - y) / y, scales bounded positive.
-
-    Relative, because the figure of merit is the share of subnets within +-5 %; Huber, because one
-    subnet timed during a burst of load must not tilt the line for all the others.
-    """
-    from scipy.optimize import least_squares
-
-    xs = x / y[:, None]
-    w0, *_ = np.linalg.lstsq(xs, np.ones_like(y), rcond=None)
-    n_scales = _N_SCALES[kind]
-    lower = np.full(x.shape[1], -np.inf)
-    lower[:n_scales] = 1e-6
-    w0 = np.maximum(w0, lower + 1e-9)
-    if x.shape[0] <= x.shape[1]:
-        return w0
-    result = least_squares(lambda w: xs @ w - 1.0, w0, bounds=(lower, np.full(x.shape[1], np.inf)),
-                           loss="huber", f_scale=0.02, method="trf")
-    return result.x
-
-
-def _coefficients(kind: str, w: np.ndarray) -> dict[str, Any]:
-    scale = dict.fromkeys(KINDS, 1.0)
-    per_block = dict.fromkeys(KINDS, 0.0)
-    intercept = 0.0
-    if kind in ("scale", "linear", "linear+blocks"):
-        scale = dict.fromkeys(KINDS, float(w[0]))
-    if kind == "linear":
-        intercept = float(w[1])
-    if kind == "linear+blocks":
-        per_block["mbconv"] = float(w[1])
-        intercept = float(w[2])
-    if kind == "per-kind":
-        scale = {"stem": float(w[1]), "first": float(w[1]), "mbconv": float(w[0]), "head": float(w[1])}
-        per_block["mbconv"] = float(w[2])
-        intercept = float(w[3])
-    return {"intercept": intercept, "scale": scale, "per_block": per_block}
-
-
-def _residual_summary(rel: np.ndarray) -> dict[str, float]:
-    rel = np.abs(rel)
-    return {"mape_pct": float(100 * rel.mean()), "max_abs_pct": float(100 * rel.max()),
-            "within_5pct": float((rel <= 0.05).mean()), "within_10pct": float((rel <= 0.10).mean())}
-
-
-def _loo_relative_errors(kind: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    errors = np.empty(len(y))
-    for i in range(len(y)):
-        keep = np.arange(len(y)) != i
-        w = _solve(kind, x[keep], y[keep])
-        errors[i] = (x[i] @ w - y[i]) / y[i]
-    return errors
-
-
-# ---- the table ---------------------------------------------------------------------------------------------
 class LatencyTable:
     """Measured block latencies of one space on one device and profile, and how to add them up."""
 
@@ -193,13 +65,13 @@ class LatencyTable:
         meta = {
             "format_version": FORMAT_VERSION,
             "space": _jsonable(space.to_dict()),
-            "profile": _profile_dict(profile),
+            "profile": _target.profile_dict(profile),
             "fingerprint": _jsonable(dict(fingerprint or {})),
             "device_slug": device_slug or "unknown",
             "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "hwnas_version": __version__,
             "git_commit": git_commit(),
-            "calibration": _identity_calibration(),
+            "calibration": identity_calibration(),
         }
         rows = pd.DataFrame({c: pd.Series(dtype="object" if c in ("key", "kind") else "float64")
                              for c in (*COLUMNS, *OPTIONAL_COLUMNS)})
@@ -230,8 +102,8 @@ class LatencyTable:
             if path.name.endswith(".calibration.csv") and owner.is_file():  # a shell glob's first match
                 raise LatencyTableError(f"{path}: this is the calibration file of the table {owner}; pass that")
             raise LatencyTableError(f"{meta_path}: metadata file missing (expected beside {path.name})")
-        meta = _read_meta(meta_path)
-        rows = _read_rows(path)
+        meta = read_meta(meta_path)
+        rows = read_rows(path)
         table = cls(rows, meta, path)
         try:
             table.space  # noqa: B018 - fail now, naming the file, rather than at the first predict
@@ -360,9 +232,9 @@ class LatencyTable:
     def _reset_caches(self) -> None:
         column = self.statistic_column if self.statistic_column in self._rows.columns else "median_ms"
         self._values: dict[str, float] = dict(zip(self._rows["key"], self._rows[column].astype(float), strict=True))
-        self._slot_cache: dict[Any, Any] = {}
+        self._slot_cache: dict[int, SlotKeys] = {}
         self._depth_set = set(self.meta["space"].get("depth_choices", ()))
-        coeffs = self.meta.get("calibration", _identity_calibration())["coefficients"]
+        coeffs = self.meta.get("calibration", identity_calibration())["coefficients"]
         factor = self.drift_factor
         self._scale = {k: factor * float(coeffs["scale"].get(k, 1.0)) for k in KINDS}
         self._per_block = {k: factor * float(coeffs["per_block"].get(k, 0.0)) for k in KINDS}
@@ -379,34 +251,41 @@ class LatencyTable:
     def block_keys(self, arch: Arch) -> tuple[str, ...]:
         """The LUT keys of `arch`, stem to head.
 
-        Keys are memoised per slot (resolution, stage, index, kernel, expand), since a block's key
-        depends on nothing else: a search over 50k fresh archs builds BlockSpecs only for new slots.
+        Read from the space's slot specs (`SearchSpace.slot_specs`), whose keys are taken once per
+        resolution: a search over 50k fresh archs only looks each of its blocks up by slot.
         """
+        (stem, first, head), slots = self._slot_keys(arch)
+        keys = [stem, first]
+        kernels, expands = arch.kernels, arch.expands
+        start = 0
+        try:
+            for stage, depth in enumerate(arch.depths):
+                for index in range(depth):
+                    keys.append(slots[(stage, index, kernels[start + index], expands[start + index])])
+                start += depth
+        except KeyError:
+            self.space.validate(arch)  # raises, naming the kernel or expand that is not a choice
+            raise
+        keys.append(head)
+        return tuple(keys)
+
+    def _slot_keys(self, arch: Arch) -> SlotKeys:
+        """The keys of `arch`'s resolution, after the cheap checks of `arch` (`space.validate` names a failed one)."""
         space = self.space
         if arch.space != space.name:
             raise ArchError(f"arch belongs to space '{arch.space}', but the table is for '{space.name}'")
         if (len(arch.depths) != space.num_stages or not self._depth_set.issuperset(arch.depths)
                 or len(arch.kernels) != sum(arch.depths) or len(arch.expands) != len(arch.kernels)):
             space.validate(arch)  # raises, naming the bad field
-        resolution = arch.resolution
-        slots = self._slot_cache
-        keys = []
         try:
-            fixed = slots[resolution]
-            start = 0
-            for stage, depth in enumerate(arch.depths):
-                for index in range(depth):
-                    i = start + index
-                    keys.append(slots[(resolution, stage, index, arch.kernels[i], arch.expands[i])])
-                start += depth
+            return self._slot_cache[arch.resolution]
         except KeyError:
-            specs = space.blocks(arch)  # validates the arch
-            mb = [s for s in specs if s.kind == "mbconv"]
-            for (stage, index, kernel, expand), spec in zip(space.iter_stage_blocks(arch), mb, strict=True):
-                slots[(resolution, stage, index, kernel, expand)] = spec.key
-            slots[resolution] = fixed = tuple(s.key for s in specs if s.kind != "mbconv")
-            return tuple(s.key for s in specs)
-        return (fixed[0], fixed[1], *keys, fixed[2])
+            space.validate(arch)  # a resolution is only cached once an arch of it was found valid
+            specs = space.slot_specs(arch.resolution)
+            keys: SlotKeys = ((specs.stem.key, specs.first.key, specs.head.key),
+                              {slot: spec.key for slot, spec in specs.mbconv.items()})
+            self._slot_cache[arch.resolution] = keys
+            return keys
 
     def _features(self, keys: Sequence[str]) -> tuple[float, float]:
         """(raw sum, calibrated sum) of the blocks named by `keys`."""
@@ -458,6 +337,7 @@ class LatencyTable:
 
     # ---- the space as a whole -------------------------------------------------------------------------------------
     def missing_keys(self, space: SearchSpace | None = None) -> list[str]:
+        """Keys of `space`'s blocks (`all_blocks`: every resolution's slot specs, each key once) with no row here."""
         space = space or self.space
         return [spec.key for spec in space.all_blocks() if spec.key not in self._values]
 
@@ -471,25 +351,14 @@ class LatencyTable:
         space = space or self.space
         lo = hi = None
         for resolution in space.resolution_choices:
-            # one uniform max-depth arch per (kernel, expand) covers every slot of this resolution
-            slot_costs: dict[tuple[int, int], list[float]] = {}
-            fixed = None
-            for kernel in space.kernel_choices:
-                for expand in space.expand_choices:
-                    n = space.max_depth * space.num_stages
-                    arch = Arch(space.name, resolution, (space.max_depth,) * space.num_stages, (kernel,) * n,
-                                (expand,) * n)
-                    specs = space.blocks(arch)
-                    mb = iter(s for s in specs if s.kind == "mbconv")
-                    for stage, index, _, _ in space.iter_stage_blocks(arch):
-                        slot_costs.setdefault((stage, index), []).append(self.block_cost(next(mb)))
-                    if fixed is None:
-                        fixed = sum(self.block_cost(s) for s in specs if s.kind != "mbconv")
-            assert fixed is not None
-            best = worst = fixed + self._intercept
+            specs = space.slot_specs(resolution)
+            best = worst = sum(self.block_cost(s) for s in specs.fixed) + self._intercept
             for stage in range(space.num_stages):
-                mins = np.cumsum([min(slot_costs[(stage, i)]) for i in range(space.max_depth)])
-                maxs = np.cumsum([max(slot_costs[(stage, i)]) for i in range(space.max_depth)])
+                costs = [[self.block_cost(specs.mbconv[(stage, index, kernel, expand)])
+                          for kernel in space.kernel_choices for expand in space.expand_choices]
+                         for index in range(space.max_depth)]
+                mins = np.cumsum([min(c) for c in costs])
+                maxs = np.cumsum([max(c) for c in costs])
                 best += min(mins[d - 1] for d in space.depth_choices)
                 worst += max(maxs[d - 1] for d in space.depth_choices)
             lo = best if lo is None else min(lo, best)
@@ -497,25 +366,11 @@ class LatencyTable:
         assert lo is not None and hi is not None
         return float(lo), float(hi)
 
-    # ---- target checks -------------------------------------------------------------------------------------------
+    # ---- target checks (hwnas.latency.target) -------------------------------------------------------------------
     def target_differences(self, space: SearchSpace | None = None, profile: Any = None,
                            fingerprint: Mapping[str, Any] | None = None) -> tuple[list[str], list[str]]:
         """(identity, soft) differences between what the table was measured for and the given target."""
-        identity: list[str] = []
-        soft: list[str] = []
-        if space is not None:
-            identity += space_differences(self.meta["space"], space.to_dict())
-        if profile is not None:
-            ident, sft = profile_differences(self.profile_dict, _profile_dict(profile))
-            identity += ident
-            soft += sft
-        if fingerprint is not None:
-            from hwnas.latency.device import fingerprint_differences
-
-            ident, sft = fingerprint_differences(self.fingerprint, dict(fingerprint))
-            identity += [f"device {d}" for d in ident]
-            soft += [f"device {d}" for d in sft]
-        return identity, soft
+        return _target.target_differences(self.meta, space, profile, fingerprint)
 
     def check_target(self, space: SearchSpace | None = None, profile: Any = None,
                      fingerprint: Mapping[str, Any] | None = None, *, allow_mismatch: bool = False) -> list[str]:
@@ -525,143 +380,20 @@ class LatencyTable:
         numbers mean something else and raise unless `allow_mismatch` (then they are returned too,
         first); soft ones (library versions, driver, repeat counts) come back as warnings.
         """
-        identity, soft = self.target_differences(space, profile, fingerprint)
-        if identity and not allow_mismatch:
-            where = f"{self.path}: " if self.path else ""
-            raise LatencyTableError(f"{where}table was measured for another target ({'; '.join(identity)}); "
-                                    f"{MISMATCH_HINT}")
-        return identity + soft
+        return _target.check_target(self.meta, space, profile, fingerprint, allow_mismatch=allow_mismatch,
+                                    path=self.path)
 
-    # ---- calibration ---------------------------------------------------------------------------------------------
+    # ---- calibration (hwnas.latency.calibration) -----------------------------------------------------------------
     def fit_calibration(self, measured: Sequence[tuple[Arch, float]], kind: str = "auto") -> dict[str, Any]:
         """Fit how block sums map to whole-subnet latency, store it in the metadata, and return it.
 
         A block timed alone pays the runtime's per-call overhead and a cold start that a block inside a
         network does not, so the raw sum is biased by a roughly constant amount per block. "auto"
-        chooses among the models by leave-one-out error, the simplest on a tie.
+        chooses among the models (`CALIBRATION_KINDS`) by leave-one-out error, the simplest on a tie.
         """
-        if kind != "auto" and kind not in CALIBRATION_KINDS:
-            raise LatencyTableError(f"unknown calibration kind '{kind}'; choose auto or one of "
-                                    f"{', '.join(CALIBRATION_KINDS)}")
-        archs = [a for a, _ in measured]
-        y = np.asarray([float(m) for _, m in measured], dtype=np.float64)
-        if len(y) == 0 or kind == "none":
-            calibration = _identity_calibration()
-            if len(y):
-                feats = np.stack([self.raw_features(a) for a in archs])
-                calibration["residuals"] = _residual_summary(feats[:, :4].sum(axis=1) / y - 1)
-                calibration["n_subnets"] = len(y)
-            return self._set_calibration(calibration)
-        if np.any(~np.isfinite(y)) or np.any(y <= 0):
-            raise LatencyTableError("calibration needs positive, finite measured latencies")
-        feats = np.stack([self.raw_features(a) for a in archs])
-        raw = feats[:, :4].sum(axis=1)
-        candidates: dict[str, dict[str, float]] = {
-            "none": _residual_summary(raw / y - 1)}
-        if kind == "auto":
-            order = [k for k in CALIBRATION_KINDS if k != "none"]
-            for name in order:
-                x = _design(name, feats)
-                if len(y) >= x.shape[1] + 3:
-                    candidates[name] = _residual_summary(_loo_relative_errors(name, x, y))
-            eligible = [k for k in order if k in candidates]
-            if not eligible:
-                chosen = "scale"
-            else:
-                # the simplest model whose LOO error is within 2 % (relative) of the best one
-                best = min(candidates[k]["mape_pct"] for k in eligible)
-                chosen = next(k for k in eligible if candidates[k]["mape_pct"] <= best * 1.02 + 1e-12)
-        else:
-            chosen = kind
-        x = _design(chosen, feats)
-        w = _solve(chosen, x, y)
-        rel = (x @ w - y) / y
-        calibration = {"kind": chosen, "requested": kind, "coefficients": _coefficients(chosen, w),
-                       "n_subnets": len(y), "residuals": _residual_summary(rel),
-                       "loo": {k: v for k, v in candidates.items() if k != "none"},
-                       "uncalibrated": candidates["none"],
-                       "arch_ids": [a.arch_id for a in archs]}
-        return self._set_calibration(calibration)
+        return self._set_calibration(_calibration.fit_calibration(measured, self.raw_features, kind))
 
     def _set_calibration(self, calibration: dict[str, Any]) -> dict[str, Any]:
         self.meta["calibration"] = _jsonable(calibration)
         self._reset_caches()
         return self.meta["calibration"]
-
-
-# ---- readers --------------------------------------------------------------------------------------------------
-def _read_meta(meta_path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LatencyTableError(f"{meta_path}: cannot read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise LatencyTableError(f"{meta_path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise LatencyTableError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
-    for name in META_FIELDS:
-        if name not in meta:
-            raise LatencyTableError(f"{meta_path}: missing field '{name}'")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise LatencyTableError(f"{meta_path}: field 'format_version' is {meta['format_version']!r}; "
-                                f"this hwnas reads version {FORMAT_VERSION}")
-    if not isinstance(meta["space"], dict) or "name" not in meta["space"]:
-        raise LatencyTableError(f"{meta_path}: field 'space' must be a space spec with a 'name'")
-    if meta["profile"] is not None and not isinstance(meta["profile"], dict):
-        raise LatencyTableError(f"{meta_path}: field 'profile' must be an object or null")
-    if not isinstance(meta["fingerprint"], dict):
-        raise LatencyTableError(f"{meta_path}: field 'fingerprint' must be an object")
-    cal = meta["calibration"]
-    if not isinstance(cal, dict) or "kind" not in cal or not isinstance(cal.get("coefficients"), dict):
-        raise LatencyTableError(f"{meta_path}: field 'calibration' must hold 'kind' and 'coefficients'")
-    coeffs = cal["coefficients"]
-    for name in ("intercept", "scale", "per_block"):
-        if name not in coeffs:
-            raise LatencyTableError(f"{meta_path}: missing field 'calibration.coefficients.{name}'")
-    numbers = [("intercept", coeffs["intercept"])]
-    for group in ("scale", "per_block"):
-        if not isinstance(coeffs[group], dict):
-            raise LatencyTableError(f"{meta_path}: field 'calibration.coefficients.{group}' must be an object")
-        numbers += [(f"{group}.{k}", v) for k, v in coeffs[group].items()]
-    for name, value in numbers:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise LatencyTableError(f"{meta_path}: field 'calibration.coefficients.{name}' is not a number "
-                                    f"({value!r})")
-    if any(v <= 0 for v in coeffs["scale"].values()):
-        raise LatencyTableError(f"{meta_path}: field 'calibration.coefficients.scale' must be positive")
-    return meta
-
-
-def _read_rows(path: Path) -> pd.DataFrame:
-    try:
-        rows = pd.read_csv(path, dtype={"key": str, "kind": str}, keep_default_na=False, na_values=[""])
-    except pd.errors.EmptyDataError:
-        raise LatencyTableError(f"{path}: empty file (no header)") from None
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise LatencyTableError(f"{path}: not a readable CSV ({exc})") from None
-    for column in COLUMNS:
-        if column not in rows.columns:
-            raise LatencyTableError(f"{path}: missing column '{column}'")
-    for column in (*COLUMNS[2:], *[c for c in OPTIONAL_COLUMNS if c in rows.columns]):
-        values = pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
-        if column in COLUMNS:
-            bad = ~np.isfinite(values) | (values < 0)
-        else:  # optional statistics may be empty (not kept), but not garbage
-            bad = (np.isnan(values) & rows[column].notna().to_numpy()) | np.isinf(values) | (values < 0)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise LatencyTableError(f"{path}: column '{column}' has a non-numeric or negative value "
-                                    f"{rows[column].iloc[i]!r} (line {i + 2}, key {rows['key'].iloc[i]!r})")
-        rows[column] = values.astype("int64" if column == "n" else "float64")
-    if rows["key"].isna().any():
-        line = int(rows["key"].isna().to_numpy().argmax()) + 2
-        raise LatencyTableError(f"{path}: column 'key' has an empty value (line {line})")
-    bad_kind = ~rows["kind"].isin(KINDS)
-    if bad_kind.any():
-        i = int(np.flatnonzero(bad_kind.to_numpy())[0])
-        raise LatencyTableError(f"{path}: column 'kind' has unknown value {rows['kind'].iloc[i]!r} "
-                                f"(line {i + 2}); known: {', '.join(KINDS)}")
-    dup = rows["key"].duplicated()
-    if dup.any():
-        raise LatencyTableError(f"{path}: key {rows['key'][dup].iloc[0]!r} appears twice")
-    return rows

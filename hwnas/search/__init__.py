@@ -11,23 +11,23 @@ from collections.abc import Callable
 from typing import Any
 
 from hwnas.errors import HwnasError
-from hwnas.search.base import (
-    AccuracyEvaluator,
-    ArchLike,
-    EncodableSpace,
-    FeasibleRange,
-    FunctionEvaluator,
-    LatencyModel,
-    SearchResult,
-    SearchSpaceLike,
-    check_budget,
-    confirm,
-    feasible_range,
-)
+from hwnas.search.budget import FeasibleRange, check_budget, feasible_range
+from hwnas.search.confirm import confirm
 from hwnas.search.evolution import evolution_search
 from hwnas.search.nsga import nsga_search
 from hwnas.search.pareto import hypervolume, non_dominated_sort, pareto_mask
+from hwnas.search.protocols import (
+    AccuracyEvaluator,
+    ArchLike,
+    EncodableSpace,
+    FunctionEvaluator,
+    GeneCodecLike,
+    LatencyModel,
+    SearchSpaceLike,
+    SupernetScoring,
+)
 from hwnas.search.random import random_search
+from hwnas.search.result import SearchResult
 
 Searcher = Callable[..., SearchResult]
 
@@ -62,8 +62,8 @@ def search(strategy: str, space: SearchSpaceLike, evaluator: AccuracyEvaluator, 
 
 
 __all__ = [
-    "STRATEGIES", "AccuracyEvaluator", "ArchLike", "EncodableSpace", "FeasibleRange", "FunctionEvaluator",
-    "LatencyModel", "SearchResult", "SearchSpaceLike", "check_budget", "confirm", "differentiable_search",
-    "evolution_search", "feasible_range", "get_strategy", "hypervolume", "non_dominated_sort", "nsga_search",
-    "pareto_mask", "random_search", "search",
+    "AccuracyEvaluator", "ArchLike", "EncodableSpace", "FeasibleRange", "FunctionEvaluator", "GeneCodecLike",
+    "LatencyModel", "STRATEGIES", "SearchResult", "SearchSpaceLike", "SupernetScoring", "check_budget", "confirm",
+    "differentiable_search", "evolution_search", "feasible_range", "get_strategy", "hypervolume",
+    "non_dominated_sort", "nsga_search", "pareto_mask", "random_search", "search",
 ]

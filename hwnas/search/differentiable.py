@@ -15,30 +15,32 @@ Why the score-function gradient for the reward. The supernet runs one discrete a
 (`Supernet.set_active`: kernels cropped, channels sliced, blocks skipped); no relaxed one-hot
 multiplies any of its ops, and an `AccuracyEvaluator` is a black box. Gumbel-softmax
 straight-through would need the network's output to be a differentiable function of the sampled
-one-hots; a "multiply the block output by its one-hot" trick (DSNAS) does not cover a skipped
-block or a cropped kernel without changing the supernet. The score-function (REINFORCE) estimator,
-`E[(r - b) * grad log p(arch)]`, is unbiased for any reward, needs nothing but samples, and works
-with every evaluator. Its variance is kept low by (1) a moving-average baseline `b` with the
-advantage divided by a moving standard deviation (so the step does not depend on whether accuracy
-is in percent or a fraction), (2) log-probabilities over the *active* choices only (a latent slot
-does not change the reward; its score only adds noise), and (3) with `reward="batch"`, common
-random numbers: every arch sampled in a step is scored on the same batch.
+one-hots; a "multiply the block output by its one-hot" trick (DSNAS) does not cover a skipped block
+or a cropped kernel without changing the supernet. The score-function (REINFORCE) estimator, `E[(r -
+b) * grad log p(arch)]`, is unbiased for any reward, needs nothing but samples, and works with every
+evaluator. Its variance is kept low by (1) a moving-average baseline `b` with the advantage divided
+by a moving standard deviation (so the step does not depend on whether accuracy is in percent or a
+fraction), (2) log-probabilities over the *active* choices only (a latent slot does not change the
+reward; its score only adds noise), and (3) with `reward="batch"`, common random numbers: every arch
+sampled in a step is scored on the same batch.
 
 The latency term has no variance at all: for a table whose prediction is `intercept + sum of
 block_cost(block)` (every calibration `LatencyTable` fits is affine in the measured block times:
-'none', 'scale', 'linear', 'linear+blocks', 'per-kind'), the expectation is exact by linearity.
-A block's cost depends only on (resolution, stage, slot, kernel, expand) (`SlotLatency`), slot
-`i` of stage `s` is present when the stage's depth exceeds `i`, and the choices are independent, so
+'none', 'scale', 'linear', 'linear+blocks', 'per-kind'), the expectation is exact by linearity. A
+block's cost depends only on its slot (`SearchSpace.slot_specs`, priced by
+`hwnas.genes.SlotLatency`), slot `i` of stage `s` is present when the stage's depth exceeds `i`, and
+the choices are independent, so
 
     E[latency] = intercept + sum_r P(r) * (fixed(r)
                  + sum_{s,i} P(depth_s > i) * sum_{k,e} P(kernel_si = k) P(expand_si = e) cost(r, s, i, k, e))
 
-which is what `ExpectedLatency.exact` computes as a differentiable function of the logits, in the
-same calibrated milliseconds as `LatencyTable.predict`. The additivity is checked against
-`predict` on a few archs; a model with `block_cost` whose predictions are not additive is an error
-rather than a silently wrong expectation. A latency model with `predict` only (no block costs) gets
-a Monte-Carlo estimate instead (`mc_samples` predicted archs per step, score-function gradient
-with a leave-one-out baseline), reported as such in `info["latency_expectation"]`.
+which is what `ExpectedLatency.exact` (`hwnas.search.distribution`) computes as a differentiable
+function of the logits, in the same calibrated milliseconds as `LatencyTable.predict`. The
+additivity is checked against `predict` on a few archs; a model with `block_cost` whose predictions
+are not additive is an error rather than a silently wrong expectation. A latency model with
+`predict` only (no block costs) gets a Monte-Carlo estimate instead (`mc_samples` predicted archs
+per step, score-function gradient with a leave-one-out baseline), reported as such in
+`info["latency_expectation"]`.
 
 Rewards. With any evaluator (`reward="evaluator"`, the default), the reward of an arch is its
 accuracy from `evaluator.evaluate`; accuracies are cached, so `queries` counts distinct archs, as
@@ -46,28 +48,27 @@ for the other strategies. With a `SupernetEvaluator`, `reward="batch"` scores ea
 the negative cross-entropy of the supernet on a validation batch (batch statistics in BN, the
 supernet's running statistics untouched), and `finetune=True` also trains the shared weights on the
 sampled paths with SGD on training batches (DSNAS-style joint search). Fine-tuning works on a copy
-of the supernet; its state comes back in `SearchResult.supernet_state` (`hwnas search` writes it
-to OUT/supernet.pt), and the derived arch is scored with the fine-tuned weights.
+of the supernet; its state comes back in `SearchResult.supernet_state` (`hwnas search` writes it to
+OUT/supernet.pt), and the derived arch is scored with the fine-tuned weights.
 
-The derived arch is the distribution's argmax, repaired on the latency model to the band between
-`band * budget` and the budget: while over the budget, the step down (one kernel, expand, depth or
-resolution choice to the next smaller value) that costs the least log-probability per millisecond
-saved; while under the band, the step up that fits and costs the least log-probability per
-millisecond gained (a step up paired with a step down when no single step fits). The learned
-log-probability is the search's estimate of what a choice is worth: it is what the reward
-gradient raised, net of what the multiplier charged for its latency. The returned arch is checked
-with `latency_model.predict` itself: it is never over the budget. With the evaluator's reward,
-every arch sampled on the way was scored by the same evaluator as the derived one, so a sampled
-arch in the band that scored higher is returned instead (`info["picked"]` says which; the derived
-arch and its accuracy stay in `info`): on the synthetic tests the repaired argmax alone lands in
-the best few per cent of the feasible archs at most budgets but not at the tightest. A budget below the fastest
-subnet is a `BudgetError` with the feasible range, before anything is evaluated.
-"""
+The derived arch is the distribution's argmax, repaired (`hwnas.search.derive`) on the latency model
+to the band between `band * budget` and the budget: while over the budget, the step down (one
+kernel, expand, depth or resolution choice to the next smaller value) that costs the least
+log-probability per millisecond saved; while under the band, the step up that fits and costs the
+least log-probability per millisecond gained (a step up paired with a step down when no single step
+fits). The learned log-probability is the search's estimate of what a choice is worth: it is what
+the reward gradient raised, net of what the multiplier charged for its latency. The returned arch is
+checked with `latency_model.predict` itself: it is never over the budget. With the evaluator's
+reward, every arch sampled on the way was scored by the same evaluator as the derived one, so a
+sampled arch in the band that scored higher is returned instead (`info["picked"]` says which; the
+derived arch and its accuracy stay in `info`): on the synthetic tests the repaired argmax alone
+lands in the best few per cent of the feasible archs at most budgets but not at the tightest. A
+budget below the fastest subnet is a `BudgetError` with the feasible range, before anything is
+evaluated."""
 
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import sys
 from collections.abc import Iterable, Iterator
@@ -81,357 +82,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwnas.errors import HwnasError
-from hwnas.search.base import (
+from hwnas.search.budget import check_budget
+from hwnas.search.derive import Repair
+from hwnas.search.distribution import DTYPE, ArchDistribution, ExpectedLatency
+from hwnas.search.protocols import (
     AccuracyEvaluator,
-    GeneCodec,
     LatencyModel,
-    SearchResult,
     SearchSpaceLike,
-    SlotLatency,
-    build_result,
-    check_budget,
+    SupernetScoring,
     evaluate_accuracies,
     predict_latencies,
 )
+from hwnas.search.result import SearchResult, build_result
 
 REWARDS = ("evaluator", "batch")
-DTYPE = torch.float64
-
-
-def _draw(rng: np.random.Generator, probs: np.ndarray, n: int) -> np.ndarray:
-    """`n` draws from each row of `probs` (B, C): an (n, B) array of choice indices."""
-    cum = np.cumsum(probs, axis=-1)
-    cum[:, -1] = 1.0
-    u = rng.random((n, probs.shape[0], 1))
-    return (cum[None] <= u).sum(axis=-1)
-
-
-# ---- the distribution -------------------------------------------------------------------------------------
-class ArchDistribution:
-    """Independent categoricals (torch logits) over the choices of an `hwnas.SearchSpace`.
-
-    Archs are handled as `GeneCodec` rows: resolution, depth per stage, then kernel and expand of
-    every slot (stage-major) up to the maximum depth. `log_prob` and `entropy` count the active
-    choices only, so they are those of the distribution over distinct networks.
-    """
-
-    def __init__(self, space: Any) -> None:
-        if not GeneCodec.supports(space):
-            raise HwnasError(f"the differentiable strategy needs an hwnas.SearchSpace (its choices are what it "
-                             f"learns a distribution over); space '{space.name}' is a {type(space).__name__}")
-        self.space = space
-        self.codec = codec = GeneCodec(space)
-        s, m = codec.stages, codec.depth
-
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=DTYPE, requires_grad=True)
-
-        self.resolution = zeros(len(codec.res_choices))
-        self.depth = zeros(s, len(codec.depth_choices))
-        self.kernel = zeros(s, m, len(codec.kernel_choices))
-        self.expand = zeros(s, m, len(codec.expand_choices))
-        # present[d, i]: slot i of a stage runs when the stage's depth is depth_choices[d]
-        self.present = torch.tensor([[float(d > i) for i in range(m)] for d in codec.depth_choices], dtype=DTYPE)
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [self.resolution, self.depth, self.kernel, self.expand]
-
-    def probs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (F.softmax(self.resolution, -1), F.softmax(self.depth, -1), F.softmax(self.kernel, -1),
-                F.softmax(self.expand, -1))
-
-    def init_from(self, archs: Iterable[Any], weight: float = 1.0) -> int:
-        """Lean the logits toward `archs` (e.g. an earlier run's front): + weight * log(1 + count) per choice."""
-        archs = list(archs)
-        if not archs:
-            return 0
-        genes = self.codec.genes(archs, np.random.default_rng(0))
-        codec, s, m = self.codec, self.codec.stages, self.codec.depth
-        dep = genes[:, 1:codec.k0]
-        active = self.present.numpy()[dep].astype(bool)  # (n, s, m)
-        with torch.no_grad():
-            self.resolution += weight * torch.log1p(torch.tensor(np.bincount(genes[:, 0], minlength=len(
-                codec.res_choices)), dtype=DTYPE))
-            for stage in range(s):
-                self.depth[stage] += weight * torch.log1p(torch.tensor(np.bincount(
-                    dep[:, stage], minlength=len(codec.depth_choices)), dtype=DTYPE))
-                for i in range(m):
-                    on = active[:, stage, i]
-                    for logits, start, size in ((self.kernel, codec.k0, len(codec.kernel_choices)),
-                                                (self.expand, codec.e0, len(codec.expand_choices))):
-                        counts = np.bincount(genes[on, start + stage * m + i], minlength=size)
-                        logits[stage, i] += weight * torch.log1p(torch.tensor(counts, dtype=DTYPE))
-        return len(archs)
-
-    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """`n` gene rows drawn from the distribution (numpy, so a seed repeats them)."""
-        with torch.no_grad():
-            pr, pd, pk, pe = (p.numpy() for p in self.probs())
-        s, m = self.codec.stages, self.codec.depth
-        return np.concatenate([
-            _draw(rng, pr[None], n), _draw(rng, pd, n),
-            _draw(rng, pk.reshape(s * m, -1), n), _draw(rng, pe.reshape(s * m, -1), n)], axis=1)
-
-    def argmax(self) -> np.ndarray:
-        """The most probable choice of every categorical, as one gene row (latent slots included)."""
-        with torch.no_grad():
-            return np.concatenate([self.resolution.argmax(-1).reshape(1), self.depth.argmax(-1).reshape(-1),
-                                   self.kernel.argmax(-1).reshape(-1), self.expand.argmax(-1).reshape(-1)]).astype(
-                                       np.int64)
-
-    def _log_probs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (F.log_softmax(self.resolution, -1), F.log_softmax(self.depth, -1), F.log_softmax(self.kernel, -1),
-                F.log_softmax(self.expand, -1))
-
-    def log_prob(self, genes: np.ndarray) -> torch.Tensor:
-        """Log-probability of each gene row's network (active choices only), differentiable in the logits."""
-        codec, s, m = self.codec, self.codec.stages, self.codec.depth
-        g = torch.as_tensor(np.asarray(genes, dtype=np.int64))
-        n = g.shape[0]
-        lr, ld, lk, le = self._log_probs()
-        dep = g[:, 1:codec.k0]
-        active = self.present[dep]  # (n, s, m)
-        slots = torch.arange(s * m)[None, :]
-        kern = lk.reshape(s * m, -1)[slots, g[:, codec.k0:codec.e0]].reshape(n, s, m)
-        expd = le.reshape(s * m, -1)[slots, g[:, codec.e0:]].reshape(n, s, m)
-        return lr[g[:, 0]] + ld[torch.arange(s)[None, :], dep].sum(1) + ((kern + expd) * active).sum((1, 2))
-
-    def entropy(self) -> torch.Tensor:
-        """Entropy (nats) of the distribution over distinct networks: latent slots weighted by their presence."""
-        pr, pd, pk, pe = self.probs()
-        lr, ld, lk, le = self._log_probs()
-        presence = pd @ self.present  # (s, m): P(depth_s > i)
-        slot = -(pk * lk).sum(-1) - (pe * le).sum(-1)
-        return -(pr * lr).sum() - (pd * ld).sum() + (presence * slot).sum()
-
-    def probability(self, arch: Any) -> float:
-        """P(arch) under the distribution (for checks; a search works on gene rows)."""
-        genes = self.codec.genes([arch], np.random.default_rng(0))
-        with torch.no_grad():
-            return float(self.log_prob(genes).exp()[0])
-
-    def decode(self, genes: np.ndarray) -> list[Any]:
-        return self.codec.decode(np.asarray(genes, dtype=np.int64).reshape(-1, self.codec.width))
-
-
-# ---- the expected latency ----------------------------------------------------------------------------------
-class ExpectedLatency:
-    """E[predicted latency] of an `ArchDistribution`: exact from block costs, else a Monte-Carlo estimate.
-
-    Exact when the model has `block_cost` (a `LatencyTable`) and every stage has at least one block
-    (so a block's input size depends on the resolution and its own position only); then `cost`
-    (resolution, stage, slot, kernel, expand), `fixed` (stem, first block and head per resolution)
-    and `intercept` reproduce `predict` for every arch, which is checked here on a few archs.
-    """
-
-    def __init__(self, space: Any, model: LatencyModel, *, mc_samples: int = 64, check: int = 8) -> None:
-        self.space, self.model, self.mc_samples = space, model, int(mc_samples)
-        self.codec = codec = GeneCodec(space)
-        self.slot: SlotLatency | None = None
-        if SlotLatency.supports(codec, model) and min(codec.depth_choices) >= 1:
-            slot = SlotLatency(codec, model)
-            rows = np.concatenate([codec.genes([space.smallest(), space.largest()], np.random.default_rng(0)),
-                                   codec.random(check, np.random.default_rng(1))])
-            summed, predicted = slot(rows), predict_latencies(model, codec.decode(rows))
-            err = float(np.max(np.abs(summed - predicted) / np.maximum(np.abs(predicted), 1e-12)))
-            if err > 1e-6:
-                raise HwnasError(f"the latency model's predictions are not its intercept plus the sum of its "
-                                 f"block_cost values (relative error {err:.2g}): a calibration that is not affine in "
-                                 "block costs has no exact expected latency; remove block_cost to use a Monte-Carlo "
-                                 "estimate")
-            self.slot = slot
-            self.cost = torch.as_tensor(slot.cost, dtype=DTYPE)
-            self.fixed = torch.as_tensor(slot.fixed, dtype=DTYPE)
-            self.intercept = float(slot.intercept)
-        elif self.mc_samples < 2:
-            raise HwnasError(f"mc_samples must be >= 2, got {mc_samples}")
-
-    @property
-    def is_exact(self) -> bool:
-        return self.slot is not None
-
-    def exact(self, dist: ArchDistribution) -> torch.Tensor:
-        """The exact expectation in calibrated milliseconds, differentiable in the logits."""
-        if self.slot is None:
-            raise HwnasError("this latency model has no block costs: its expected latency is only estimated")
-        pr, pd, pk, pe = dist.probs()
-        presence = pd @ dist.present  # (s, m)
-        per_slot = torch.einsum("rsmke,smk,sme->rsm", self.cost, pk, pe)
-        return self.intercept + pr @ (self.fixed + (per_slot * presence).sum((1, 2)))
-
-    def estimate(self, dist: ArchDistribution, rng: np.random.Generator) -> tuple[float, torch.Tensor]:
-        """(value, surrogate): the surrogate's gradient is the gradient of E[latency] (exact, or estimated)."""
-        if self.slot is not None:
-            value = self.exact(dist)
-            return float(value.detach()), value
-        n = self.mc_samples
-        genes = dist.sample(n, rng)
-        lat = predict_latencies(self.model, dist.decode(genes))
-        mean = float(lat.mean())
-        advantage = torch.as_tensor((lat - mean) * n / (n - 1), dtype=DTYPE)  # leave-one-out baseline
-        term = (advantage * dist.log_prob(genes)).mean()
-        return mean, mean + term - term.detach()
-
-    def price(self, genes: np.ndarray) -> np.ndarray:
-        """Predicted latency of gene rows: from slot costs when exact, else by the model's own predict."""
-        genes = np.asarray(genes, dtype=np.int64).reshape(-1, self.codec.width)
-        if self.slot is not None:
-            return self.slot(genes)
-        return predict_latencies(self.model, self.codec.decode(genes))
-
-    def fastest(self) -> np.ndarray | None:
-        """The gene row of the fastest arch (exact models only): per resolution, each stage's cheapest prefix."""
-        if self.slot is None:
-            return None
-        slot, codec = self.slot, self.codec
-        best: tuple[float, np.ndarray] | None = None
-        for r in range(len(codec.res_choices)):
-            row = np.zeros(codec.width, dtype=np.int64)
-            row[0] = r
-            total = float(slot.fixed[r])
-            for s in range(codec.stages):
-                flat = slot.cost[r, s].reshape(codec.depth, -1)  # (m, k*e)
-                cheap = flat.argmin(axis=1)
-                prefix = np.cumsum(flat.min(axis=1))
-                d = min(range(len(codec.depth_choices)), key=lambda j: prefix[codec.depth_choices[j] - 1])
-                row[1 + s] = d
-                total += float(prefix[codec.depth_choices[d] - 1])
-                k, e = np.unravel_index(cheap, slot.cost.shape[3:])
-                row[codec.k0 + s * codec.depth:codec.k0 + (s + 1) * codec.depth] = k
-                row[codec.e0 + s * codec.depth:codec.e0 + (s + 1) * codec.depth] = e
-            if best is None or total < best[0]:
-                best = (total, row)
-        assert best is not None
-        return best[1]
-
-
-# ---- the discrete repair -------------------------------------------------------------------------------------
-class Repair:
-    """Moves a gene row into the band [band * budget, budget] by single choice steps (see the module doc)."""
-
-    def __init__(self, dist: ArchDistribution, latency: ExpectedLatency, budget_ms: float, band: float) -> None:
-        self.dist, self.latency, self.budget, self.low = dist, latency, float(budget_ms), float(band) * budget_ms
-        codec = dist.codec
-        self.codec = codec
-        # for each gene column, its choice indices sorted by value: a step up is the next larger value
-        orders = [np.argsort(codec.res_choices)] + [np.argsort(codec.depth_choices)] * codec.stages \
-            + [np.argsort(codec.kernel_choices)] * (codec.stages * codec.depth) \
-            + [np.argsort(codec.expand_choices)] * (codec.stages * codec.depth)
-        self.order = orders
-        self.rank = [np.argsort(o) for o in orders]
-        with torch.no_grad():
-            lr, ld, lk, le = (t.numpy() for t in dist._log_probs())
-        self.logp = (lr, ld, lk.reshape(codec.stages * codec.depth, -1), le.reshape(codec.stages * codec.depth, -1))
-        self.present = dist.present.numpy().astype(bool)
-
-    def log_prob(self, rows: np.ndarray) -> np.ndarray:
-        codec, m = self.codec, self.codec.depth
-        lr, ld, lk, le = self.logp
-        dep = rows[:, 1:codec.k0]
-        active = self.present[dep].reshape(len(rows), -1)
-        slots = np.arange(codec.stages * m)[None, :]
-        blocks = lk[slots, rows[:, codec.k0:codec.e0]] + le[slots, rows[:, codec.e0:]]
-        return lr[rows[:, 0]] + ld[np.arange(codec.stages)[None, :], dep].sum(1) + (blocks * active).sum(1)
-
-    def _columns(self, row: np.ndarray) -> list[int]:
-        """Gene columns that change the network: resolution, depths, and the active slots."""
-        codec, m = self.codec, self.codec.depth
-        cols = list(range(codec.k0))
-        for s in range(codec.stages):
-            depth = codec.depth_choices[row[1 + s]]
-            for i in range(depth):
-                cols += [codec.k0 + s * m + i, codec.e0 + s * m + i]
-        return cols
-
-    def moves(self, row: np.ndarray, direction: int) -> tuple[np.ndarray, list[str]]:
-        """Every row one choice step up (+1) or down (-1) from `row`, with a readable name for each."""
-        rows, names = [], []
-        for col in self._columns(row):
-            rank = self.rank[col][row[col]] + direction
-            if 0 <= rank < len(self.order[col]):
-                new = row.copy()
-                new[col] = self.order[col][rank]
-                rows.append(new)
-                names.append(self._name(col, row[col], new[col]))
-        return (np.stack(rows) if rows else np.zeros((0, len(row)), dtype=np.int64)), names
-
-    def _name(self, col: int, old: int, new: int) -> str:
-        codec, m = self.codec, self.codec.depth
-        if col == 0:
-            return f"resolution {codec.res_choices[old]}->{codec.res_choices[new]}"
-        if col < codec.k0:
-            return f"depth[{col - 1}] {codec.depth_choices[old]}->{codec.depth_choices[new]}"
-        if col < codec.e0:
-            s, i = divmod(col - codec.k0, m)
-            return f"kernel[{s}.{i}] {codec.kernel_choices[old]}->{codec.kernel_choices[new]}"
-        s, i = divmod(col - codec.e0, m)
-        return f"expand[{s}.{i}] {codec.expand_choices[old]:g}->{codec.expand_choices[new]:g}"
-
-    def __call__(self, row: np.ndarray) -> tuple[np.ndarray, float, list[str]]:
-        """The repaired row, its priced latency, and the steps taken."""
-        row = np.asarray(row, dtype=np.int64).copy()
-        lat = float(self.latency.price(row)[0])
-        steps: list[str] = []
-        while lat > self.budget:  # shrink: the least log-probability lost per millisecond saved
-            rows, names = self.moves(row, -1)
-            prices = self.latency.price(rows) if len(rows) else np.zeros(0)
-            saved = lat - prices
-            ok = saved > 0
-            if not ok.any():
-                fastest = self.latency.fastest()
-                if fastest is None:
-                    break
-                row, lat = fastest, float(self.latency.price(fastest)[0])
-                steps.append("fastest arch")
-                break
-            score = np.where(ok, (self.log_prob(rows) - self.log_prob(row[None])) / np.where(ok, saved, 1), -np.inf)
-            j = int(np.argmax(score))
-            row, lat = rows[j], float(prices[j])
-            steps.append(names[j])
-        while self.budget >= lat and lat < self.low:  # grow: the least log-probability lost per millisecond gained
-            picked = None
-            for changes in (1, 2, 3):  # single steps first; two or three at once when no single one fits
-                rows, names = self.neighbours(row, changes)
-                picked = self._best_growth(row, lat, rows, names)
-                if picked is not None:
-                    break
-            if picked is None:
-                break
-            row, lat, name = picked
-            steps.append(name)
-        return row, lat, steps
-
-    def neighbours(self, row: np.ndarray, changes: int) -> tuple[np.ndarray, list[str]]:
-        """Rows `changes` choice steps from `row` in distinct columns (one step up or down each); 1: up only."""
-        up, up_names = self.moves(row, +1)
-        if changes == 1:
-            return up, up_names
-        down, down_names = self.moves(row, -1)
-        steps = [(int(np.flatnonzero(r != row)[0]), r, n) for r, n in zip([*up, *down], [*up_names, *down_names],
-                                                                        strict=True)]
-        rows, names = [], []
-        for combo in itertools.combinations(steps, changes):
-            if len({col for col, _, _ in combo}) < changes or all(n in down_names for _, _, n in combo):
-                continue  # one column twice, or only steps down (never gains latency)
-            new = row.copy()
-            for col, r, _ in combo:
-                new[col] = r[col]
-            rows.append(new)
-            names.append(" & ".join(n for _, _, n in combo))
-        return (np.stack(rows) if rows else np.zeros((0, len(row)), dtype=np.int64)), names
-
-    def _best_growth(self, row: np.ndarray, lat: float, rows: np.ndarray, names: list[str]
-                     ) -> tuple[np.ndarray, float, str] | None:
-        if len(rows) == 0:
-            return None
-        prices = self.latency.price(rows)
-        gained = prices - lat
-        ok = (gained > 0) & (prices <= self.budget)
-        if not ok.any():
-            return None
-        score = np.where(ok, (self.log_prob(rows) - self.log_prob(row[None])) / np.where(ok, gained, 1), -np.inf)
-        j = int(np.argmax(score))
-        return rows[j], float(prices[j]), names[j]
 
 
 # ---- supernet batches ----------------------------------------------------------------------------------------
@@ -454,21 +118,13 @@ def _batch_statistics(net: nn.Module) -> Iterator[None]:
         net.train(was_training)
 
 
-def _batch(split: Any, batch_size: int, resolution: int, seed: int, device: torch.device
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    return next(iter(split.batches(batch_size, resolution=resolution, shuffle=True, seed=seed, device=device,
-                                   max_batches=1)))
-
-
 class _SupernetRewards:
     """Batch rewards (-cross-entropy on a validation batch) and optional joint fine-tuning of a supernet copy."""
 
     def __init__(self, evaluator: Any, *, finetune: bool, batch_size: int, weight_lr: float, seed: int) -> None:
-        from hwnas.search.evaluate import SupernetEvaluator
-
-        if not isinstance(evaluator, SupernetEvaluator):
-            raise HwnasError(f"reward='batch' and finetune need a SupernetEvaluator (data and weights); "
-                             f"got a {type(evaluator).__name__}")
+        if not isinstance(evaluator, SupernetScoring):
+            raise HwnasError(f"reward='batch' and finetune need an evaluator backed by a supernet and data (a "
+                             f"SupernetEvaluator); got a {type(evaluator).__name__}")
         self.evaluator, self.finetune = evaluator, finetune
         self.device = evaluator.device
         self.net = copy.deepcopy(evaluator.supernet) if finetune else evaluator.supernet
@@ -482,7 +138,7 @@ class _SupernetRewards:
         losses, correct = [], []
         with torch.no_grad(), _batch_statistics(net):
             for arch in archs:
-                x, y = _batch(self.evaluator.split, self.batch_size, arch.resolution, seed, self.device)
+                x, y = self.evaluator.validation_batch(self.batch_size, arch.resolution, seed)
                 out = net.set_active(arch)(x)
                 losses.append(float(F.cross_entropy(out, y)))
                 correct.append(float((out.argmax(1) == y).float().mean()))
@@ -490,7 +146,7 @@ class _SupernetRewards:
             net.train()
             self.optimizer.zero_grad(set_to_none=True)
             for arch in archs:
-                x, y = _batch(self.evaluator.calibration, self.batch_size, arch.resolution, seed, self.device)
+                x, y = self.evaluator.training_batch(self.batch_size, arch.resolution, seed)
                 (F.cross_entropy(net.set_active(arch)(x), y) / len(archs)).backward()
             self.optimizer.step()
             net.eval()
@@ -502,11 +158,7 @@ class _SupernetRewards:
         """The evaluator of the derived arch: the caller's, or a copy on the fine-tuned weights."""
         if not self.finetune:
             return self.evaluator
-        tuned = copy.copy(self.evaluator)
-        tuned.supernet = self.net.eval()
-        tuned.cache = {}
-        tuned.evaluations = 0
-        return tuned
+        return self.evaluator.with_supernet(self.net.eval())
 
 
 # ---- the searcher ------------------------------------------------------------------------------------------------
@@ -635,19 +287,19 @@ def differentiable_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, 
         raise HwnasError(f"could not repair the derived arch to within {budget:.4g} ms (at {final_lat:.4g} ms)")
     final_eval = rewards.final_evaluator() if rewards is not None else evaluator
     if derived not in cache:
-        acc = float(evaluate_accuracies(final_eval, [derived])[0])
-        cache[derived] = acc
+        derived_acc = float(evaluate_accuracies(final_eval, [derived])[0])
+        cache[derived] = derived_acc
         archs.append(derived)
         lat_of.append(final_lat)
-        acc_of.append(acc)
+        acc_of.append(derived_acc)
         generation.append(len(history))
     best = derived
     if rewards is None:
         # every sampled arch was scored by the same evaluator: one in the band that beat the derived arch wins
         in_band = [i for i, lat in enumerate(lat_of) if band * budget <= lat <= budget]
-        top = max(in_band, key=lambda i: acc_of[i], default=None)
-        if top is not None and acc_of[top] > cache[derived]:
-            best = archs[top]
+        sampled_best = max(in_band, key=lambda i: acc_of[i], default=None)
+        if sampled_best is not None and acc_of[sampled_best] > cache[derived]:
+            best = archs[sampled_best]
     info: dict[str, Any] = {
         "picked": "derived" if best == derived else "sampled (more accurate than the derived arch, in the band)",
         "derived_arch": derived.to_json(), "derived_accuracy": cache[derived],

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from hwnas.evaluation import EvalSettings, subnet_accuracy
+
 if TYPE_CHECKING:
     from hwnas.data import Split
     from hwnas.supernet import Supernet
@@ -52,8 +54,6 @@ class SupernetEvaluator:
     def evaluate(self, arch: Any) -> float:
         key = arch.arch_id
         if key not in self.cache:
-            from hwnas.train import subnet_accuracy
-
             self.cache[key] = subnet_accuracy(
                 self.supernet, arch, self.split, self.calibration, device=self.device, bn_batches=self.bn_batches,
                 bn_batch_size=self.bn_batch_size, batch_size=self.batch_size, max_batches=self.max_batches,
@@ -63,3 +63,31 @@ class SupernetEvaluator:
 
     def evaluate_many(self, archs: Sequence[Any]) -> np.ndarray:
         return np.array([self.evaluate(a) for a in archs], dtype=np.float64)
+
+    @property
+    def settings(self) -> EvalSettings:
+        """How each arch is scored, as an export repeats it (`hwnas.evaluation.EvalSettings`)."""
+        return EvalSettings(bn_batches=self.bn_batches, bn_batch_size=self.bn_batch_size, seed=self.seed,
+                            batch_size=self.batch_size, val_batches=self.max_batches)
+
+    def validation_batch(self, batch_size: int, resolution: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One seeded, shuffled batch of the validation split at `resolution`, on this evaluator's device."""
+        return _one_batch(self.split, batch_size, resolution, seed, self.device)
+
+    def training_batch(self, batch_size: int, resolution: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One seeded, shuffled batch of the training (calibration) split at `resolution`."""
+        return _one_batch(self.calibration, batch_size, resolution, seed, self.device)
+
+    def with_supernet(self, supernet: Supernet) -> SupernetEvaluator:
+        """An evaluator on other weights (e.g. fine-tuned by a search): the same data and settings, an empty cache."""
+        return SupernetEvaluator(supernet, self.split, self.calibration, batch_size=self.batch_size,
+                                 max_batches=self.max_batches, bn_batches=self.bn_batches,
+                                 bn_batch_size=self.bn_batch_size, device=self.device, seed=self.seed,
+                                 channels_last=self.channels_last)
+
+
+def _one_batch(split: Split, batch_size: int, resolution: int, seed: int, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = next(iter(split.batches(batch_size, resolution=resolution, shuffle=True, seed=seed, device=device,
+                                   max_batches=1)))
+    return x, y

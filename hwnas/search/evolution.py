@@ -19,15 +19,11 @@ from typing import Any
 import numpy as np
 
 from hwnas.errors import HwnasError
-from hwnas.search.base import (
-    AccuracyEvaluator,
-    Breeder,
-    LatencyModel,
-    SearchResult,
-    SearchSpaceLike,
-    SearchState,
-    check_budget,
-)
+from hwnas.search.budget import check_budget
+from hwnas.search.protocols import AccuracyEvaluator, LatencyModel, SearchSpaceLike
+from hwnas.search.result import SearchResult
+from hwnas.search.state import SearchState
+from hwnas.search.variation import Breeder
 
 SURVIVORS = ("best", "age")
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from hwnas.errors import HwnasError
-from hwnas.search.base import SearchResult
+from hwnas.search.result import SearchResult
 
 MEASURED_COLUMN = "measured_ms"
 
@@ -64,8 +64,9 @@ def measured_pick(result: SearchResult, measure: Callable[[list[Any]], list[floa
 def describe_pick(result: SearchResult) -> str:
     """One line on what `measured_pick` timed and kept."""
     info = result.info["measured_pick"]
+    kept = "none" if result.best_row is None else result.best_row["arch_id"]
     how = "the most accurate" if info["picked_rank"] == 0 else f"number {info['picked_rank'] + 1} by accuracy"
-    line = (f"timed the top {info['timed']} in-budget candidates on this device: kept {result.best_row['arch_id']}, "
+    line = (f"timed the top {info['timed']} in-budget candidates on this device: kept {kept}, "
             f"{how}, {info['measured_ms']:.4g} ms timed vs {info['predicted_ms']:.4g} ms predicted")
     if not info["met_budget"]:
         line += (f"; NONE of them met {result.budget_ms:g} ms as timed, the fastest was kept (check "

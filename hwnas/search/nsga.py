@@ -16,16 +16,12 @@ from typing import Any
 import numpy as np
 
 from hwnas.errors import HwnasError
-from hwnas.search.base import (
-    AccuracyEvaluator,
-    Breeder,
-    LatencyModel,
-    SearchResult,
-    SearchSpaceLike,
-    SearchState,
-    check_budget,
-)
+from hwnas.search.budget import check_budget
 from hwnas.search.pareto import crowding_distance, hypervolume, non_dominated_sort, pareto_mask
+from hwnas.search.protocols import AccuracyEvaluator, LatencyModel, SearchSpaceLike
+from hwnas.search.result import SearchResult
+from hwnas.search.state import SearchState
+from hwnas.search.variation import Breeder
 
 
 def select_survivors(latency: np.ndarray, accuracy: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

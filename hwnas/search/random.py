@@ -12,14 +12,10 @@ from typing import Any
 import numpy as np
 
 from hwnas.errors import HwnasError
-from hwnas.search.base import (
-    AccuracyEvaluator,
-    LatencyModel,
-    SearchResult,
-    SearchSpaceLike,
-    SearchState,
-    check_budget,
-)
+from hwnas.search.budget import check_budget
+from hwnas.search.protocols import AccuracyEvaluator, LatencyModel, SearchSpaceLike
+from hwnas.search.result import SearchResult
+from hwnas.search.state import SearchState
 
 
 def random_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, latency_model: LatencyModel,

@@ -1,0 +1,205 @@
+"""`run_export`: everything `hwnas export` does, as one library call: the archs a search chose, cut out of the
+supernet they were searched on, exported, verified and timed (`hwnas.deploy.deploy` for each).
+
+What to export is a run record (`hwnas.runrecord`): one arch inline or in a JSON file, a search's
+best.json, or a search folder (every member of a family.json). The record says how the search
+scored its arch (data split, BN settings), which table predicted it and the drift it was scaled
+by, and which weights it was found with (a fine-tuning search's own); the export repeats all of it,
+so the accuracy and latency it reports are comparable with the search's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hwnas.errors import ArchError, HwnasError
+from hwnas.runrecord import BEST_NAME, FAMILY_NAME, RunRecord, read_family
+from hwnas.space import Arch
+
+if TYPE_CHECKING:
+    from hwnas.data import Dataset
+    from hwnas.deploy import DeployReport
+    from hwnas.latency.profiles import DeviceProfile
+    from hwnas.latency.table import LatencyTable
+    from hwnas.space import SearchSpace
+
+Log = Callable[[str], None]
+FORMATS = ("onnx", "tensorrt")
+PRECISIONS = ("fp16", "int8")
+
+
+def _stderr_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@dataclass
+class ExportRequest:
+    """What to export (`arch`: inline arch JSON, a JSON file such as best.json, or a search folder) and how.
+
+    Without `supernet`, the arch is cut from a freshly initialised supernet of `space` (a pipeline
+    check). `data` None means the dataset the checkpoint was trained on, "none" no data (no BN
+    re-estimation, no accuracy). `profile` times the exported artifact; `table` and `budget_ms`
+    default to the search's.
+    """
+
+    arch: str
+    supernet: Path | None = None
+    space: str | None = None
+    format: str = "onnx"
+    precision: str = "fp16"
+    opset: int = 17
+    simplify: bool = True
+    profile: str | Path | None = None
+    table: Path | None = None
+    budget_ms: float | None = None
+    data: str | None = None
+    test_batches: int | None = None
+    allow_mismatch: bool = False
+    out: Path = Path("exports")
+
+    def check(self) -> ExportRequest:
+        if self.format not in FORMATS:
+            raise HwnasError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.precision not in PRECISIONS:
+            raise HwnasError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        return self
+
+
+@dataclass
+class ExportJob:
+    """One arch to export, with the record of the search that chose it and the folder it goes to."""
+
+    record: RunRecord
+    name: str | None  # a family member's folder name; None for a single export
+
+
+def export_jobs(arch_arg: str) -> list[ExportJob]:
+    """What to export: one arch (inline or a file) or every arch a search folder names (family.json)."""
+    path = Path(arch_arg)
+    if not arch_arg.lstrip().startswith("{") and path.is_dir():
+        if (path / FAMILY_NAME).is_file():
+            return [ExportJob(_read_record(path / entry.dir / BEST_NAME), entry.dir) for entry in read_family(path)
+                    if entry.best_arch_id]
+        if (path / BEST_NAME).is_file():
+            return [ExportJob(_read_record(path / BEST_NAME), None)]
+        raise ArchError(f"{path}: a search folder holds best.json or family.json; neither is there")
+    arch = Arch.parse(arch_arg)
+    record = _read_record(path) if path.suffix == ".json" and path.is_file() else RunRecord(arch=None)
+    record.arch = json.loads(arch.to_json())
+    return [ExportJob(record, None)]
+
+
+def _read_record(path: Path) -> RunRecord:
+    record = RunRecord.read(path)
+    if record.arch is None:
+        raise ArchError(f"{path}: the search found no arch within its budget (\"arch\": null)")
+    return record
+
+
+def run_export(request: ExportRequest, *, log: Log = print, warn: Log = _stderr_warning) -> list[DeployReport]:
+    """Export every arch `request.arch` names into `request.out` (one folder per family member); their reports."""
+    from hwnas.deploy import deploy
+
+    request.check()
+    jobs = export_jobs(request.arch)
+    if not jobs:
+        raise HwnasError(f"{request.arch}: no arch to export (every search in the folder came back empty)")
+    first = Arch.from_dict(jobs[0].record.arch or {})
+    supernet_path = request.supernet
+    tuned = jobs[0].record.finetuned_supernet
+    if tuned and supernet_path is None:
+        supernet_path = Path(tuned)  # the search changed the shared weights: the arch was chosen with these
+    elif tuned and supernet_path is not None and Path(tuned).resolve() != supernet_path.resolve():
+        warn(f"{request.arch} was found with fine-tuned weights ({tuned}); exporting it with {supernet_path} instead")
+    supernet, source, state = _supernet(supernet_path, request.space, first.space)
+    space = supernet.space
+    dataset = _dataset(request.data, state, jobs[0].record, space)
+    profile = None
+    if request.profile is not None:
+        from hwnas.latency.profiles import load_profile
+
+        profile = load_profile(request.profile)
+    reports = []
+    for job in jobs:
+        record = job.record
+        arch = Arch.from_dict(record.arch or {})
+        space.validate(arch)
+        table = _table(request.table or record.table, space, profile, request.allow_mismatch, warn)
+        table = _with_search_drift(table, record, explicit=request.table is not None, log=log)
+        budget = request.budget_ms if request.budget_ms is not None else record.budget_ms
+        out = request.out / job.name if job.name else request.out
+        log(f"exporting {arch.arch_id} from {source}" + (f" ({job.name})" if job.name else ""))
+        reports.append(deploy(
+            supernet, arch, out, dataset=dataset, settings=record.eval_settings, profile=profile, table=table,
+            budget_ms=float(budget) if budget is not None else None, search_accuracy=record.accuracy,
+            tensorrt=request.precision if request.format == "tensorrt" else None, opset=request.opset,
+            simplify=request.simplify, test_batches=request.test_batches, metadata={"source": source}, log=log))
+    return reports
+
+
+def _supernet(path: Path | None, space_name: str | None, arch_space: str) -> tuple[Any, str, dict[str, Any]]:
+    """The supernet to cut from (loaded, or fresh for a pipeline check), what to call it, and its checkpoint."""
+    if path is not None:
+        from hwnas.checkpoint import load_supernet
+
+        supernet, state = load_supernet(path, space_name=arch_space)
+        return supernet.eval(), str(path), state
+    if space_name is None:
+        raise HwnasError("give --supernet CKPT, or --space NAME to export from a freshly initialised supernet")
+    from hwnas import spaces
+    from hwnas.supernet import Supernet
+
+    return Supernet(spaces.get(space_name)).eval(), "fresh supernet (random weights)", {}
+
+
+def _dataset(spec: str | None, state: dict[str, Any], record: RunRecord, space: SearchSpace) -> Dataset | None:
+    """The data to re-estimate BN and measure accuracy on: the checkpoint's unless given; None for 'none'."""
+    data_spec = spec or (str(state["dataset"]).split(" (", 1)[0] if state.get("dataset") else None)
+    if not data_spec or data_spec == "none":
+        return None
+    from hwnas.data import load_dataset
+
+    val_size = int(record.val_size or state.get("val_size") or 5000)
+    dataset = load_dataset(data_spec, val_size=val_size, seed=0)
+    if (dataset.in_channels, dataset.num_classes) != (space.in_channels, space.num_classes):
+        raise HwnasError(f"dataset '{data_spec}' has {dataset.in_channels} channels and {dataset.num_classes} "
+                         f"classes; the supernet expects {space.in_channels} and {space.num_classes}")
+    return dataset
+
+
+def _table(path: str | Path | None, space: SearchSpace, profile: DeviceProfile | None, allow_mismatch: bool,
+           warn: Log) -> LatencyTable | None:
+    """The latency table for the prediction, or None; a table for another target is shown as a warning."""
+    if not path:
+        return None
+    from hwnas.latency.table import LatencyTable
+
+    table = LatencyTable.load(Path(path))
+    fp = None
+    if profile is not None:
+        from hwnas.latency.device import fingerprint
+
+        fp = fingerprint(profile)
+    notes = table.check_target(space, profile, fp, allow_mismatch=True)
+    if notes and not allow_mismatch:
+        warn(f"{table.path}: the prediction is for another target than this one: {'; '.join(notes)}")
+    return table
+
+
+def _with_search_drift(table: LatencyTable | None, record: RunRecord, *, explicit: bool, log: Log
+                       ) -> LatencyTable | None:
+    """The table as the search saw it: scaled by the drift it measured (`hwnas search --drift correct`)."""
+    factor = record.drift_factor
+    if table is None or explicit or factor is None:
+        return table
+    log(f"  prediction scaled by {factor:.3f}, the drift the search measured on this device "
+        "(hwnas search --drift correct)")
+    return table.with_drift(factor, record.latency_drift)
+
+
+__all__ = ["ExportJob", "ExportRequest", "export_jobs", "run_export"]

@@ -1,0 +1,96 @@
+"""Target matching: whether a latency table was measured for the space, profile and device at hand.
+
+A table's numbers mean something only for its own space, runtime settings and device. Differences
+come in two sorts: identity ones (another space, backend, precision, batch, threads, CPU or GPU
+model) make the numbers mean something else and refuse the table unless the caller allows it; soft
+ones (library versions, driver, repeat counts) only say how comparable the conditions were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from hwnas.errors import LatencyTableError
+from hwnas.jsonable import jsonable
+from hwnas.space import SearchSpace
+
+# Profile fields that decide what a number means; the rest (name, warm-up, repeats, notes) only how
+# carefully it was measured.
+PROFILE_IDENTITY_FIELDS = ("backend", "precision", "batch_size", "threads", "statistic", "device", "channels_last")
+PROFILE_SOFT_FIELDS = ("name", "warmup", "repeats")
+
+MISMATCH_HINT = "pass allow_mismatch=True (CLI: --allow-mismatch) to use it anyway"
+
+
+def profile_dict(profile: Any) -> dict[str, Any] | None:
+    """A profile as a table's metadata records it (plain JSON values); None stays None."""
+    if profile is None:
+        return None
+    return jsonable(profile)
+
+
+def space_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Which fields of two space specs differ (name first): a table is only valid for its own space."""
+    recorded, current = jsonable(recorded), jsonable(current)
+    diffs = _diff_fields("space", recorded, current, ["name"])
+    others = sorted((set(recorded) | set(current)) - {"name", "description"})
+    diffs += _diff_fields("space", recorded, current, others)
+    return diffs
+
+
+def profile_differences(recorded: Mapping[str, Any] | None,
+                        current: Mapping[str, Any] | None) -> tuple[list[str], list[str]]:
+    """(identity, soft) differences between two profiles; identity ones change what a number means."""
+    if recorded is None or current is None:
+        return [], []
+    recorded, current = jsonable(recorded), jsonable(current)
+    return (_diff_fields("profile", recorded, current, PROFILE_IDENTITY_FIELDS),
+            _diff_fields("profile", recorded, current, PROFILE_SOFT_FIELDS))
+
+
+def target_differences(meta: Mapping[str, Any], space: SearchSpace | None = None, profile: Any = None,
+                       fingerprint: Mapping[str, Any] | None = None) -> tuple[list[str], list[str]]:
+    """(identity, soft) differences between what a table's metadata `meta` records and the given target."""
+    identity: list[str] = []
+    soft: list[str] = []
+    if space is not None:
+        identity += space_differences(meta["space"], space.to_dict())
+    if profile is not None:
+        ident, sft = profile_differences(meta.get("profile"), profile_dict(profile))
+        identity += ident
+        soft += sft
+    if fingerprint is not None:
+        from hwnas.latency.device import fingerprint_differences
+
+        ident, sft = fingerprint_differences(dict(meta.get("fingerprint") or {}), dict(fingerprint))
+        identity += [f"device {d}" for d in ident]
+        soft += [f"device {d}" for d in sft]
+    return identity, soft
+
+
+def check_target(meta: Mapping[str, Any], space: SearchSpace | None = None, profile: Any = None,
+                 fingerprint: Mapping[str, Any] | None = None, *, allow_mismatch: bool = False,
+                 path: Path | None = None) -> list[str]:
+    """Refuse a table (metadata `meta`, read from `path`) measured for another target; return the soft differences.
+
+    Identity differences raise unless `allow_mismatch` (then they are returned too, first); soft
+    ones come back as warnings.
+    """
+    identity, soft = target_differences(meta, space, profile, fingerprint)
+    if identity and not allow_mismatch:
+        where = f"{path}: " if path else ""
+        raise LatencyTableError(f"{where}table was measured for another target ({'; '.join(identity)}); "
+                                f"{MISMATCH_HINT}")
+    return identity + soft
+
+
+def _diff_fields(label: str, recorded: Mapping[str, Any], current: Mapping[str, Any],
+                 names: Iterable[str]) -> list[str]:
+    diffs = []
+    for name in names:
+        a, b = recorded.get(name), current.get(name)
+        if a != b:
+            diffs.append(f"{label} {name} {a!r} != {b!r}")
+    return diffs

@@ -1,0 +1,436 @@
+"""`run_search`: everything `hwnas search` does, as one library call: tables x budgets, drift, seeding,
+predictor-then-confirm, a guard band, timed finalists, fine-tuned weights, run records, resume.
+
+The searchers (`hwnas.search.evolution` and the rest) know only protocols; this module is the one
+place in the search package that puts real parts behind them: it loads the supernet checkpoint and
+the data (`SupernetEvaluator`), the latency tables and their drift check (`hwnas.latency`), and
+writes what a later stage reads (`hwnas.report`, `hwnas.runrecord`). A search per (table, budget)
+shares one cached evaluator, so a family of deploy targets costs little more than one search.
+Every evaluation goes through an `EvaluationJournal`, so a killed search resumes (`resume=True`)
+on the same trajectory. Progress lines go to `log`, warnings to `warn` (the CLI prints them).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from hwnas.errors import ArchError, HwnasError
+from hwnas.fileio import atomic_write_text
+from hwnas.runrecord import BEST_NAME, FAMILY_NAME, FamilyEntry, RunRecord, write_family
+from hwnas.search import check_budget, confirm, get_strategy, random_search
+from hwnas.search.journal import JOURNAL_NAME, EvaluationJournal, JournaledEvaluator, file_digest, table_identity
+from hwnas.search.result import SearchResult
+
+if TYPE_CHECKING:
+    from hwnas.data import Dataset
+    from hwnas.latency.table import LatencyTable
+    from hwnas.space import Arch, SearchSpace
+
+Log = Callable[[str], None]
+DRIFT_MODES = ("off", "warn", "correct")
+
+
+def _stderr_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@dataclass
+class SearchRequest:
+    """What to search: a supernet checkpoint, latency tables (paths or loaded tables) and budgets, and how.
+
+    One search runs per (table, budget); with more than one they form a family under `out`. The
+    fields mirror `hwnas search`'s options (its --help says what each does); `check()` refuses
+    values that cannot work, in one line naming the option.
+    """
+
+    supernet: Path
+    tables: Sequence[str | Path | LatencyTable]
+    budgets_ms: Sequence[float]
+    strategy: str = "evolution"
+    queries: int = 200
+    population: int | None = None
+    steps: int | None = None  # differentiable only
+    reward: str | None = None  # differentiable only
+    finetune: bool = False  # differentiable only
+    data: str | Dataset | None = None  # default: the dataset the checkpoint was trained on
+    val_size: int = 5000
+    val_batches: int | None = None
+    batch_size: int = 500
+    bn_batches: int = 8
+    bn_batch_size: int = 256
+    predictor: bool = False
+    predictor_kind: str = "auto"
+    predictor_queries: int = 10000
+    confirm: int | None = None
+    seed_from: Path | None = None
+    out: Path | None = None
+    force: bool = False
+    resume: bool = False
+    seed: int = 0
+    allow_mismatch: bool = False
+    margin: float = 0.0
+    measure_top: int = 0
+    drift: str = "off"
+    device: str = "auto"
+    progress: bool = True
+
+    def check(self) -> SearchRequest:
+        """Refuse settings that cannot work, before anything is loaded or evaluated."""
+        for name in ("queries", "batch_size", "bn_batches", "bn_batch_size", "predictor_queries", "val_size"):
+            if getattr(self, name) < 1:
+                raise HwnasError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name, least in (("population", 2), ("val_batches", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise HwnasError(f"--{name.replace('_', '-')} is too small: {value}")
+        check_margin(self.margin)
+        if self.measure_top < 0:
+            raise HwnasError(f"--measure-top must be >= 0, got {self.measure_top}")
+        if self.drift not in DRIFT_MODES:
+            raise HwnasError(f"--drift must be one of {', '.join(DRIFT_MODES)}, got {self.drift!r}")
+        if self.confirm is not None and not 1 <= self.confirm < self.queries:
+            raise HwnasError(f"--confirm must lie in 1..queries-1 ({self.queries - 1}), got {self.confirm}")
+        if self.predictor and self.queries < 10:
+            raise HwnasError(f"--predictor needs --queries >= 10 (training pairs plus confirmations), "
+                             f"got {self.queries}")
+        given = [name for name in ("steps", "reward") if getattr(self, name) is not None] + \
+            (["finetune"] if self.finetune else [])
+        if given and self.strategy != "differentiable":
+            raise HwnasError(f"--{given[0]} applies to --strategy differentiable only")
+        if self.steps is not None and self.steps < 0:
+            raise HwnasError(f"--steps must be >= 0, got {self.steps}")
+        if self.finetune and (self.predictor or self.reward == "evaluator"):
+            raise HwnasError("--finetune scores subnets on batches with the weights it trains: it takes neither "
+                             "--predictor nor --reward evaluator")
+        if self.finetune and self.resume:
+            raise HwnasError("--finetune changes the shared weights as it searches, so a killed run cannot be "
+                             "replayed: it takes no --resume (run it again with --force)")
+        if not self.tables or not self.budgets_ms:
+            raise HwnasError("a search needs at least one latency table and one budget")
+        get_strategy(self.strategy)
+        return self
+
+    @property
+    def family(self) -> bool:
+        return len(self.tables) * len(self.budgets_ms) > 1
+
+    def out_dir(self) -> Path:
+        """`out`, or results/<strategy>-<budget>ms-seed<S> (results/<strategy>-family-seed<S> for a family)."""
+        if self.out is not None:
+            return Path(self.out)
+        name = f"{self.strategy}-family-seed{self.seed}" if self.family else \
+            f"{self.strategy}-{float(self.budgets_ms[0]):g}ms-seed{self.seed}"
+        return Path("results") / name
+
+
+def check_margin(margin: float) -> None:
+    """A guard band is a fraction of the budget; above half it would leave no search."""
+    if not 0.0 <= margin < 0.5:
+        raise HwnasError(f"--margin is a fraction of the budget in [0, 0.5), got {margin}")
+
+
+@dataclass
+class SearchOutcome:
+    """One (table, budget) search: its result, its run record (best.json) and the files it wrote."""
+
+    name: str | None  # the family member's folder under the run directory; None for a single search
+    directory: Path
+    table: LatencyTable
+    budget_ms: float
+    result: SearchResult
+    record: RunRecord
+    files: dict[str, Path]
+
+
+@dataclass
+class SearchRun:
+    """Everything `run_search` did: one outcome per (table, budget), in table-major order."""
+
+    out: Path
+    outcomes: list[SearchOutcome]
+    evaluations: int  # distinct archs the supernet scored in all (replayed ones included)
+    replayed: int = 0  # of them, answered from the journal of an interrupted run
+    family_files: list[Path] = field(default_factory=list)
+
+    @property
+    def family(self) -> bool:
+        return len(self.outcomes) > 1 or bool(self.family_files)
+
+
+def read_seed_population(run_dir: Path, space: SearchSpace) -> list[Arch]:
+    """The archs of an earlier run's front, refusing archs of another space by name."""
+    from hwnas.report import read_front_archs
+
+    archs = []
+    for i, data in enumerate(read_front_archs(run_dir)):
+        if data.get("space") != space.name:
+            raise ArchError(f"--seed-from {run_dir}: front arch {i} is of space '{data.get('space')}', this search "
+                            f"is over '{space.name}' (seed from a run of the same space)")
+        try:
+            archs.append(space.arch_from_dict(data))
+        except ArchError as exc:
+            raise ArchError(f"--seed-from {run_dir}: front arch {i}: {exc}") from None
+    return archs
+
+
+def run_search(request: SearchRequest, *, log: Log = print, warn: Log = _stderr_warning) -> SearchRun:
+    """Search `request.supernet` under every (table, budget) of `request`, write the run directory, return it all.
+
+    Writes OUT/candidates.csv, pareto.csv, pareto.png, best.json, history.csv, summary.md (one
+    folder per member and OUT/family.json + family.md for a family) and OUT/search_journal.json.
+    Every infeasible (table, budget) pair is refused before any evaluation.
+    """
+    from hwnas.checkpoint import load_supernet
+    from hwnas.latency.table import LatencyTable
+
+    request.check()
+    tables = [t if isinstance(t, LatencyTable) else LatencyTable.load(t) for t in request.tables]
+    supernet, state = load_supernet(request.supernet)
+    space = supernet.space
+    budgets = [float(b) for b in request.budgets_ms]
+    for table in tables:
+        for note in table.check_target(space, allow_mismatch=request.allow_mismatch):
+            warn(f"{table.path}: {note}")
+    out = request.out_dir()
+    journal = _journal(request, out, tables)
+    if request.drift != "off":
+        tables = [_drift_checked(table, request.drift == "correct", journal, log, warn) for table in tables]
+    for table in tables:
+        for budget in budgets:  # every infeasible pair is refused before any evaluation
+            check_budget(space, table, budget * (1 - request.margin), seed=request.seed)
+    seeds = read_seed_population(request.seed_from, space) if request.seed_from is not None else []
+    evaluator, data_spec = _evaluator(request, supernet, state)
+    scored = journal.wrap(evaluator)
+    if journal.known_at_start:
+        log(f"resuming: {journal.known_at_start} evaluations of the interrupted search are replayed from "
+            f"{journal.path}")
+    outcomes = []
+    for table in tables:
+        for budget in budgets:
+            name = f"{table.device_slug}__{(table.profile_dict or {}).get('name', 'table')}__{budget:g}ms" \
+                if request.family else None
+            if name:
+                log(f"== {name}")
+            outcomes.append(_search_one(request, space, table, budget, scored, seeds, out / name if name else out,
+                                        data_spec, name, journal, log, warn))
+    run = SearchRun(out=out, outcomes=outcomes, evaluations=scored.evaluations, replayed=journal.replayed)
+    if request.family:
+        run.family_files = _write_family(out, outcomes, scored.evaluations, request.supernet, log)
+    return run
+
+
+def _journal(request: SearchRequest, out: Path, tables: list[LatencyTable]) -> EvaluationJournal:
+    """The run directory's journal: refused when it holds an earlier search and neither resume nor force says what
+    to do with it; continued (replayed) with `resume`; started afresh otherwise."""
+    marker = out / (FAMILY_NAME if request.family else BEST_NAME)
+    journal_path = out / JOURNAL_NAME
+    if not (request.force or request.resume):
+        if marker.exists():
+            raise HwnasError(f"{out} holds an earlier search ({marker.name}); pass --force to overwrite or "
+                             "choose --out")
+        if journal_path.exists():
+            raise HwnasError(f"{out} holds an interrupted search ({JOURNAL_NAME}); pass --resume to continue it, "
+                             "--force to start over, or choose --out")
+    if request.resume and not journal_path.exists() and marker.exists():
+        raise HwnasError(f"{out} holds a search without a journal ({marker.name} only, written before searches "
+                         "could resume); pass --force to run it again")
+    keep = ("strategy", "queries", "population", "steps", "reward", "val_size", "val_batches", "batch_size",
+            "bn_batches", "bn_batch_size", "predictor", "predictor_kind", "predictor_queries", "confirm", "seed",
+            "margin", "drift")
+    identity: dict[str, Any] = {name: getattr(request, name) for name in keep}
+    identity.update(budgets_ms=[float(b) for b in request.budgets_ms],
+                    supernet=f"{Path(request.supernet).name} {file_digest(Path(request.supernet))}",
+                    tables=[table_identity(t) for t in tables],
+                    data=request.data if isinstance(request.data, str) or request.data is None else
+                    request.data.spec, seed_from=None if request.seed_from is None else str(request.seed_from))
+    return EvaluationJournal(journal_path, identity, resume=request.resume)
+
+
+def _drift_checked(table: LatencyTable, correct: bool, journal: EvaluationJournal, log: Log, warn: Log
+                   ) -> LatencyTable:
+    """The table, scaled by the drift measured now (or, on resume, by the one the interrupted run measured)."""
+    from hwnas.latency.drift import apply_drift, check_drift
+
+    key = f"drift {table.path}"
+    if key in journal.notes:  # the trajectory depends on the factor: keep the one measured before
+        note = dict(journal.notes[key])
+        log(f"{table.path}: drift measured by the interrupted search: {float(note['factor']):.3f}x")
+        if note.get("applied") is None:
+            return table
+        applied = dict(note["applied"])
+        return table.with_drift(float(applied.pop("factor")), applied)
+    check = check_drift(table)
+    scaled = apply_drift(table, check, correct=correct, log=log, warn=warn, label=f"{table.path}: ")
+    journal.note(key, {"factor": check.factor, "applied": scaled.meta.get("drift") if scaled.drifted else None})
+    return scaled
+
+
+def _evaluator(request: SearchRequest, supernet: Any, state: dict[str, Any]) -> tuple[Any, str]:
+    from hwnas.data import Dataset, load_dataset
+    from hwnas.evaluation import resolve_device
+    from hwnas.search.evaluate import SupernetEvaluator
+
+    space = supernet.space
+    if isinstance(request.data, Dataset):
+        dataset, data_spec = request.data, request.data.spec or request.data.name
+    else:
+        data_spec = request.data or str(state.get("dataset") or "fashion-mnist").split(" (", 1)[0]
+        dataset = load_dataset(data_spec, val_size=request.val_size, seed=0)
+    if (dataset.in_channels, dataset.num_classes) != (space.in_channels, space.num_classes):
+        raise HwnasError(f"dataset '{data_spec}' has {dataset.in_channels} channels and {dataset.num_classes} "
+                         f"classes; the supernet expects {space.in_channels} and {space.num_classes}")
+    evaluator = SupernetEvaluator(supernet, dataset.val, dataset.train, batch_size=request.batch_size,
+                                  max_batches=request.val_batches, bn_batches=request.bn_batches,
+                                  bn_batch_size=request.bn_batch_size, device=resolve_device(request.device),
+                                  seed=request.seed)
+    return evaluator, data_spec
+
+
+def _strategy_options(request: SearchRequest) -> dict[str, Any]:
+    """The options of the differentiable strategy that a request sets."""
+    if request.strategy != "differentiable":
+        return {}
+    options: dict[str, Any] = {"finetune": request.finetune}
+    if request.steps is not None:
+        options["steps"] = request.steps
+    if request.reward is not None:
+        options["reward"] = request.reward
+    return options
+
+
+def _search_one(request: SearchRequest, space: SearchSpace, table: LatencyTable, user_budget: float,
+                evaluator: JournaledEvaluator, seeds: list[Arch], out: Path, data_spec: str, name: str | None,
+                journal: EvaluationJournal, log: Log, warn: Log) -> SearchOutcome:
+    from hwnas.report import write_report
+
+    searcher = get_strategy(request.strategy)
+    budget = user_budget * (1 - request.margin)  # the search aims under the guard band
+    feasible = check_budget(space, table, budget, seed=request.seed)
+    guard = f" (searched under {budget:.4g} ms: margin {request.margin:g})" if request.margin else ""
+    log(f"space {space.name}: predicted latency {feasible.describe()}; budget {user_budget:g} ms{guard}")
+    if budget >= feasible.high_ms:
+        log("  (every subnet is within the budget: the search is unconstrained)")
+    before = evaluator.evaluations
+    context: dict[str, Any] = {
+        "supernet": str(request.supernet), "table": str(table.path), "device_slug": table.device_slug,
+        "dataset": data_spec, "validation_images": evaluator.images, "val_size": request.val_size,
+        "val_batches": request.val_batches, "batch_size": request.batch_size, "bn_batches": request.bn_batches,
+        "bn_batch_size": request.bn_batch_size, "budget_ms": user_budget,
+    }
+    if table.drifted:
+        context["latency_drift"] = table.meta["drift"]
+    if request.margin:
+        context.update(margin=request.margin, search_budget_ms=budget)
+    if request.seed_from is not None:
+        context["seeded_from"] = f"{request.seed_from} ({len(seeds)} archs)"
+    options: dict[str, Any] = {"seed": request.seed, "progress": request.progress, **_strategy_options(request)}
+    if request.predictor:
+        from hwnas.search.predictor import AccuracyPredictor
+
+        n_confirm = request.confirm if request.confirm is not None else max(1, request.queries // 4)
+        sample = random_search(space, evaluator, table, budget, queries=request.queries - n_confirm,
+                               seed=request.seed, progress=request.progress, costs=False)
+        pairs = sample.candidates.sort_values("accuracy", ascending=False)
+        predictor = AccuracyPredictor(space, request.predictor_kind, seed=request.seed)
+        fit = predictor.fit([sample.archs[a] for a in pairs["arch_id"]], pairs["accuracy"].to_numpy())
+        log(fit.describe())
+        context["predictor"] = fit.describe()
+        options.update(queries=request.predictor_queries,
+                       seed_population=seeds + [sample.archs[a] for a in pairs["arch_id"]])
+        if request.strategy in ("evolution", "nsga"):
+            options["population_size"] = request.population or 100
+        result = searcher(space, predictor, table, budget, **options)
+        result = confirm(result, evaluator, top_k=n_confirm, latency_model=table,
+                         known=dict(zip(pairs["arch_id"], pairs["accuracy"], strict=True)))
+    else:
+        options.update(queries=request.queries, seed_population=seeds)
+        if request.strategy in ("evolution", "nsga"):
+            options["population_size"] = request.population or min(50, max(8, request.queries // 8))
+        result = searcher(space, evaluator, table, budget, **options)
+    context["supernet_evaluations"] = (evaluator.evaluations - before
+                                       + int(result.info.get("supernet_evaluations") or 0))
+    if journal.known_at_start:
+        context["resumed"] = {"journal": str(journal.path), "replayed_evaluations": journal.replayed}
+    if request.measure_top and result.best_row is not None:
+        result = _measured(result, table, budget, request.measure_top, log, warn)
+        context["measured_pick"] = result.info["measured_pick"]
+    if result.supernet_state is not None:
+        context["finetuned_supernet"] = str(_save_finetuned(request.supernet, result, out))
+    record = RunRecord.from_result(result, **context)
+    files = write_report(result, out, record)
+    if result.best_row is None:
+        log(f"no subnet within {budget:g} ms among {len(result.candidates)} candidates")
+    else:
+        row = result.best_row
+        log(f"best arch {row['arch_id']} ({request.strategy}, {evaluator.evaluations - before} supernet "
+            "evaluations):")
+        log(f"  {json.dumps(record.arch)}")
+        log(f"  predicted latency {row['latency_ms']:.4g} ms (budget {user_budget:g} ms{guard}), "
+            f"validation accuracy {row[result.metric]:.2f} %")
+    log(f"wrote {out}/: " + ", ".join(p.name for p in files.values()))
+    log(f"  best:    {files['best.json']}")
+    log(f"  summary: {files['summary.md']}")
+    if record.finetuned_supernet is not None:
+        log(f"  weights: {record.finetuned_supernet} (fine-tuned: export the best arch with these, "
+            f"hwnas export --supernet {record.finetuned_supernet} --arch {files['best.json']})")
+    return SearchOutcome(name=name, directory=out, table=table, budget_ms=user_budget, result=result, record=record,
+                         files=files)
+
+
+def _measured(result: SearchResult, table: LatencyTable, budget: float, top_k: int, log: Log, warn: Log
+              ) -> SearchResult:
+    """The search's result with its best re-chosen by timing the top candidates on this device."""
+    from hwnas.latency.ondevice import subnet_timer
+    from hwnas.search.measured import describe_pick, measured_pick
+
+    result = measured_pick(result, subnet_timer(table), budget, top_k=top_k)
+    (log if result.info["measured_pick"]["met_budget"] else warn)(describe_pick(result))
+    return result
+
+
+def _save_finetuned(supernet_path: Path, result: SearchResult, out: Path) -> Path:
+    """OUT/supernet.pt: the original checkpoint with the fine-tuned weights, loadable by load_supernet."""
+    from hwnas.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(supernet_path)
+    state["model"] = result.supernet_state
+    state["finetuned_from"] = str(supernet_path)
+    state["finetuned_by"] = {"strategy": result.strategy, "budget_ms": result.budget_ms, "seed": result.seed,
+                             "steps": result.info.get("steps")}
+    path = out / "supernet.pt"
+    save_checkpoint(path, state)
+    return path
+
+
+def _write_family(out: Path, outcomes: list[SearchOutcome], evaluations: int, supernet: Path, log: Log
+                  ) -> list[Path]:
+    """family.json (what `hwnas export --arch OUT` reads) and family.md, one row per (device, budget)."""
+    entries = []
+    for o in outcomes:
+        r = o.record
+        entries.append(FamilyEntry(dir=str(o.name), table=str(o.table.path), device_slug=o.table.device_slug,
+                                   profile=(o.table.profile_dict or {}).get("name"), budget_ms=o.budget_ms,
+                                   best_arch_id=r.arch_id, predicted_latency_ms=r.predicted_latency_ms,
+                                   accuracy=r.accuracy))
+    family = write_family(out, entries)
+    frame = pd.DataFrame([e.to_dict() for e in entries])[["device_slug", "profile", "budget_ms", "best_arch_id",
+                                                          "predicted_latency_ms", "accuracy", "dir"]]
+    text = frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    markdown = out / "family.md"
+    atomic_write_text(markdown, "# Deploy family\n\nOne arch per (device, budget) from the same supernet "
+                      f"({evaluations} supernet evaluations in all, shared through the cache).\n\n```\n{text}\n```\n")
+    log(f"\ndeploy family ({len(entries)} searches, {evaluations} supernet evaluations):")
+    log(text)
+    log(f"wrote {family} and {markdown}; export all with: hwnas export --supernet {supernet} --arch {out}")
+    return [family, markdown]
+
+
+__all__ = ["DRIFT_MODES", "SearchOutcome", "SearchRequest", "SearchRun", "check_margin", "read_seed_population",
+           "run_search"]
