@@ -12,6 +12,7 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy hwnas exporters
 
 test: lint
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q

@@ -17,6 +17,17 @@ from typing import Any
 from hwnas.errors import ArchError
 
 
+def read_arch_json(path: str | Path) -> Any:
+    """The JSON value of an arch file (an arch, or a run record holding one); one ArchError naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArchError(f"{path}: no such arch file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArchError(f"{path}: not a JSON arch file ({exc})") from None
+
+
 @dataclass(frozen=True)
 class Arch:
     """One subnet of a space.
@@ -79,12 +90,7 @@ class Arch:
     def from_file(cls, path: str | Path) -> Arch:
         """Read an arch from a JSON file: a bare arch, or an object holding one under "arch" (best.json)."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ArchError(f"{path}: no such arch file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ArchError(f"{path}: not a JSON arch file ({exc})") from None
+        data = read_arch_json(path)
         if isinstance(data, Mapping) and "arch" in data and isinstance(data["arch"], Mapping):
             data = data["arch"]
         try:

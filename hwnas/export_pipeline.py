@@ -41,8 +41,9 @@ def _stderr_warning(message: str) -> None:
 class ExportRequest:
     """What to export (`arch`: inline arch JSON, a JSON file such as best.json, or a search folder) and how.
 
-    Without `supernet`, the arch is cut from a freshly initialised supernet of `space` (a pipeline
-    check). `data` None means the dataset the checkpoint was trained on, "none" no data (no BN
+    Without `supernet`, the arch is cut from the checkpoint its search used (the record's
+    `supernet`, or the fine-tuned weights of a fine-tuning search); with `space` and no record,
+    from a freshly initialised supernet of that space (a pipeline check). `data` None means the dataset the checkpoint was trained on, "none" no data (no BN
     re-estimation, no accuracy). `profile` times the exported artifact; `table` and `budget_ms`
     default to the search's.
     """
@@ -116,6 +117,9 @@ def run_export(request: ExportRequest, *, log: Log = print, warn: Log = _stderr_
         supernet_path = Path(tuned)  # the search changed the shared weights: the arch was chosen with these
     elif tuned and supernet_path is not None and Path(tuned).resolve() != supernet_path.resolve():
         warn(f"{request.arch} was found with fine-tuned weights ({tuned}); exporting it with {supernet_path} instead")
+    searched = jobs[0].record.supernet
+    if supernet_path is None and request.space is None and searched:
+        supernet_path = Path(searched)  # the checkpoint the search scored its archs on
     supernet, source, state = _supernet(supernet_path, request.space, first.space)
     space = supernet.space
     dataset = _dataset(request.data, state, jobs[0].record, space)

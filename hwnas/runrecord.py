@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hwnas.arch import read_arch_json
 from hwnas.errors import ArchError
 from hwnas.evaluation import EvalSettings
 from hwnas.fileio import atomic_write_text
@@ -116,14 +117,7 @@ class RunRecord:
     @classmethod
     def read(cls, path: str | Path) -> RunRecord:
         """Read best.json (or any arch file); a missing or malformed file is one ArchError naming it."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ArchError(f"{path}: no such arch file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ArchError(f"{path}: not a JSON arch file ({exc})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_arch_json(path), str(path))
 
     # ---- what an export reads -----------------------------------------------------------------------------
     @property

@@ -41,7 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add = parser.add_argument
     add("--arch", required=True,
         help="inline arch JSON, a JSON file (results/RUN/best.json), or a search folder (all its archs)")
-    add("--supernet", type=Path, help="supernet checkpoint; without it a freshly initialised supernet")
+    add("--supernet", type=Path,
+        help="supernet checkpoint (default: the one the search used, as best.json records it; with --space and an "
+             "inline arch, a freshly initialised supernet)")
     add("--space", help="search space name (needed without --supernet)")
     add("--format", choices=("onnx", "tensorrt"), default="onnx", help="onnx, or onnx plus a TensorRT engine")
     add("--precision", choices=("fp16", "int8"), default="fp16", help="TensorRT precision (int8: calibrated)")

@@ -109,39 +109,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
+    from hwnas.train import TrainingInterrupted
+    from hwnas.train_pipeline import TrainRequest, run_training
 
-    from hwnas import spaces
-    from hwnas.data import load_dataset
-    from hwnas.train import LOG_NAME, TrainingInterrupted, train_supernet
-
-    config = config_from_args(args).check()
-    dataset = load_dataset(args.data, val_size=args.val_size, seed=0)
-    if args.train_subset is not None:
-        spec = f"{dataset.spec} (train subset {args.train_subset}, seed 0)"
-        dataset = dataclasses.replace(dataset, train=dataset.train.subset(args.train_subset, seed=0), spec=spec)
-    space = spaces.get(args.space, in_channels=dataset.in_channels, num_classes=dataset.num_classes)
-    main = int(os.environ.get("RANK", "0")) == 0
-    if config.warmup_epochs >= config.epochs and main:  # after the inputs are known good: errors come first
-        print(f"hwnas train: warning: --warmup-epochs {config.warmup_epochs:g} covers all {config.epochs} epoch(s): "
-              "the learning rate rises until the last step and never decays", file=sys.stderr)
+    request = TrainRequest(space=args.space, out=args.out, config=config_from_args(args), data=args.data,
+                           val_size=args.val_size, train_subset=args.train_subset, resume=args.resume,
+                           time_budget=args.time_budget, progress=not args.quiet)
     try:
-        path = train_supernet(space, dataset, config, args.out, resume=args.resume, progress=not args.quiet,
-                              verbose=True, time_budget=args.time_budget)
+        outcome = run_training(request, warn=lambda message: print(f"hwnas train: warning: {message}",
+                                                                   file=sys.stderr))
     except TrainingInterrupted as exc:
-        if main:
+        if int(os.environ.get("RANK", "0")) == 0:
             print(f"hwnas train: {exc}", file=sys.stderr)
         return 143
-    if main:
-        from hwnas.checkpoint import load_checkpoint
-
-        state = load_checkpoint(path)
-        metrics = state.get("metrics", {})
+    if outcome.main:
+        metrics = outcome.metrics
         accuracy = ""
         if metrics:
             accuracy = (f"; validation accuracy: largest {metrics['val_acc_largest']:.2f} %, "
                         f"smallest {metrics['val_acc_smallest']:.2f} %")
-        epochs = state["train_config"]["epochs"]
-        print(f"wrote {path} (space {space.name}, epoch {state['epoch']}/{epochs}{accuracy})")
-        print(f"  log:    {path.parent / LOG_NAME}")
+        print(f"wrote {outcome.checkpoint} (space {outcome.space}, epoch {outcome.epoch}/{outcome.epochs}{accuracy})")
+        print(f"  log:    {outcome.log}")
     return 0

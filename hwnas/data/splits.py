@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEVICE_CACHE_BYTES = 2 << 30
 
 
-class Split:
+class Split(ABC):
     """Labelled images that batch themselves; subclasses only say how to fetch uint8 images.
 
     Every batch is made the same way whatever the storage: indices (shuffled with a seeded
@@ -56,14 +57,14 @@ class Split:
         return f"{type(self).__name__}(n={len(self)}, shape={self.in_channels}x{r}x{r})"
 
     # -- for subclasses --
+    @abstractmethod
     def select(self, index: torch.Tensor | Sequence[int]) -> Split:
         """A split of the same storage holding only the rows `index` (no copy of files, a copy of rows)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _fetch(self, chunks: Sequence[torch.Tensor], device: torch.device
                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (uint8 images (B, C, H, W), int64 labels) on `device`, one pair per chunk of indices."""
-        raise NotImplementedError
 
     # -- shared --
     def subset(self, n: int, seed: int = 0) -> Split:

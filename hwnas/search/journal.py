@@ -1,4 +1,4 @@
-"""Resumable search: the evaluations a search paid for, saved atomically after each batch, and replayed after a kill.
+"""Resumable search: the evaluations a search paid for, saved atomically as each is made, and replayed after a kill.
 
 What costs time in a search is evaluating archs (a supernet evaluation is a second or more on a
 CPU); everything else (proposals, repair, selection, a predictor's fit) is a deterministic function
