@@ -43,9 +43,9 @@ class ExportRequest:
 
     Without `supernet`, the arch is cut from the checkpoint its search used (the record's
     `supernet`, or the fine-tuned weights of a fine-tuning search); with `space` and no record,
-    from a freshly initialised supernet of that space (a pipeline check). `data` None means the dataset the checkpoint was trained on, "none" no data (no BN
-    re-estimation, no accuracy). `profile` times the exported artifact; `table` and `budget_ms`
-    default to the search's.
+    from a freshly initialised supernet of that space (a pipeline check). `data` None means the
+    dataset the checkpoint was trained on, "none" no data (no BN re-estimation, no accuracy).
+    `profile` times the exported artifact; `table` and `budget_ms` default to the search's.
     """
 
     arch: str
