@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,15 +10,27 @@ import pytest
 
 @pytest.fixture(scope="session")
 def this_cpu_tables(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder of tables holding mbv3-32 profiled on this CPU with `cpu-onnxruntime`, once per test session.
+    """A folder of tables holding mbv3-32 on this CPU with `cpu-onnxruntime`, made once per test session.
 
-    One timing round instead of three: tests that need a table matching this machine's fingerprint
-    (the demo, the README's Python walk-through) need it to exist, not to be precise, and profiling
-    the space costs half a minute of the suite's ten.
+    The committed table when its fingerprint matches this machine (copied, so tests may resume or
+    rewrite it), else the space profiled here with one timing round instead of three: tests that
+    need a table of this device (the README's Python walk-through) need it to exist, not to be
+    precise, and profiling the space costs half a minute of the suite's eight.
     """
     from hwnas import spaces
-    from hwnas.latency.profiler import profile_space
+    from hwnas.latency.catalog import find_table
+    from hwnas.latency.profiler import calibration_path, profile_space, table_path
+    from hwnas.latency.profiles import load_profile
+    from hwnas.latency.table import meta_path_for
 
     root = tmp_path_factory.mktemp("this_cpu_tables")
-    profile_space(spaces.get("mbv3-32"), "cpu-onnxruntime", root, rounds=1, progress=False)
+    space, profile = spaces.get("mbv3-32"), load_profile("cpu-onnxruntime")
+    committed, _ = find_table(space, profile)
+    if committed is not None and committed.path is not None and calibration_path(committed.path).is_file():
+        target = table_path(root, space, profile, committed.device_slug)
+        target.parent.mkdir(parents=True)
+        for source in (committed.path, meta_path_for(committed.path), calibration_path(committed.path)):
+            shutil.copy(source, target.parent / source.name)
+    else:
+        profile_space(space, profile, root, rounds=1, progress=False)
     return root
