@@ -87,6 +87,7 @@ def run_demo(request: DemoRequest, *, log: Log = print, warn: Log = print) -> De
     from hwnas.latency.catalog import table_for_device
     from hwnas.latency.drift import apply_drift, check_drift
     from hwnas.latency.profiles import load_profile
+    from hwnas.latency.quiet import QuietGuard
     from hwnas.search import check_budget
     from hwnas.search.measured import describe_pick
     from hwnas.search.pipeline import SearchRequest, run_search
@@ -98,9 +99,11 @@ def run_demo(request: DemoRequest, *, log: Log = print, warn: Log = print) -> De
     profile = load_profile(request.profile)
 
     log(f"[1/5] latency table ({profile.name}: {profile.description})")
-    table, committed = table_for_device(space, profile, out, progress=request.progress, log=log)
+    guard = QuietGuard(policy="warn", max_wait_s=20.0, log=lambda line: warn(line.strip().removeprefix("warning: ")))
+    table, committed = table_for_device(space, profile, out, progress=request.progress, log=log, guard=guard)
     if committed:  # the fingerprint matched, but a shared machine's speed wanders: check it as it runs now
-        table = apply_drift(table, check_drift(table), correct=True, log=log, warn=warn, label="  drift: ")
+        table = apply_drift(table, check_drift(table, guard=guard), correct=True, log=log, warn=warn,
+                            label="  drift: ")
 
     log("[2/5] supernet")
     dataset = load_dataset(request.data, val_size=5000, seed=0)
@@ -154,7 +157,7 @@ def run_demo(request: DemoRequest, *, log: Log = print, warn: Log = print) -> De
     log("[5/5] export, verify and measure")
     report = deploy(supernet, result.best, out / "export", dataset=dataset, settings=record.eval_settings,
                     profile=profile, table=table, budget_ms=budget, search_accuracy=record.accuracy,
-                    metadata={"source": str(ckpt), "search": str(outcome.directory)}, log=log)
+                    metadata={"source": str(ckpt), "search": str(outcome.directory)}, log=log, guard=guard)
     return DemoOutcome(budget_ms=budget, search=outcome, report=report,
                        validation_images=int(record.validation_images or 0),
                        minutes=(time.perf_counter() - clock) / 60)

@@ -12,6 +12,7 @@ model of the device and only a measurement of the artifact says whether it meets
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from hwnas.space import Arch
 if TYPE_CHECKING:
     from hwnas.data import Dataset, Split
     from hwnas.latency.profiles import DeviceProfile
+    from hwnas.latency.quiet import QuietGuard
     from hwnas.latency.table import LatencyTable
     from hwnas.supernet import Supernet
 
@@ -53,6 +55,7 @@ class DeployReport:
     measured_p90_ms: float | None = None
     measured_artifact: str | None = None
     measured_rounds_ms: list[float] = field(default_factory=list)  # each round's statistic; the lowest is kept
+    measured_others_busy: float | None = None  # the other CPUs' busy share while it was timed (hwnas.latency.quiet)
     table: str | None = None
     table_drift: float | None = None  # the factor the prediction was scaled by (hwnas search --drift correct)
     drift_when_over: float | None = None  # over budget: the table's calibration subnets, re-timed now / then
@@ -111,7 +114,8 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
            settings: EvalSettings = DEFAULT_SETTINGS, profile: DeviceProfile | None = None,
            table: LatencyTable | None = None, budget_ms: float | None = None, search_accuracy: float | None = None,
            tensorrt: str | None = None, opset: int = 17, test_batches: int | None = None,
-           metadata: Mapping[str, str] | None = None, simplify: bool = True, log: Any = print) -> DeployReport:
+           metadata: Mapping[str, str] | None = None, simplify: bool = True, log: Any = print,
+           guard: QuietGuard | None = None) -> DeployReport:
     """Export `arch` from `supernet` to OUT_DIR and verify it; returns its `DeployReport` (and OUT_DIR/deploy.json).
 
     With `dataset`, BN is re-estimated as the search did and the accuracy is measured on the
@@ -201,8 +205,15 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
     if profile is not None:
         from hwnas.latency.artifact import measure_artifact
 
+        if guard is None and not profile.is_cuda:
+            from hwnas.latency.quiet import QuietGuard
+
+            guard = QuietGuard(policy="warn", max_wait_s=20.0, log=log)
         timing, artifact, per_round = measure_artifact(profile, module, export.path, shape,
-                                                       Path(engine_path) if engine_path else None)
+                                                       Path(engine_path) if engine_path else None, guard=guard)
+        if guard is not None:
+            warnings.extend(guard.warnings)
+            report.measured_others_busy = None if math.isnan(timing.others_busy) else round(timing.others_busy, 4)
         report.profile, report.measured_artifact = profile.name, artifact
         report.measured_ms = timing.value(profile.statistic)
         report.measured_p10_ms, report.measured_p90_ms = timing.p10_ms, timing.p90_ms

@@ -12,7 +12,7 @@ import pytest
 from test_profiler import PROFILE_TOML, tiny_space
 
 from hwnas.errors import LatencyTableError
-from hwnas.latency.profiler import profile_space
+from hwnas.latency.profiler import SUBNET_CHUNK, profile_space
 from hwnas.latency.table import LatencyTable, meta_path_for
 from hwnas.latency.validate import PARTIAL, error_figures, flops_proxy, validate_table
 
@@ -118,12 +118,13 @@ def test_interrupted_validation_resumes_without_measuring_again(table_path, tmp_
     table = LatencyTable.load(table_path)
     out = tmp_path / "report"
     real = get_backend(table.profile)
+    n = SUBNET_CHUNK + 2  # one whole group of subnets, then two more
     with pytest.raises(KeyboardInterrupt):
-        validate_table(table, n=10, out_dir=out, rounds=1, backend=StopAfter(real, 9))  # chunks of 8
+        validate_table(table, n=n, out_dir=out, rounds=1, backend=StopAfter(real, SUBNET_CHUNK + 1))
     partial = pd.read_csv(out / PARTIAL)
-    assert len(partial) == 8
+    assert len(partial) == SUBNET_CHUNK
     counting = StopAfter(real, 2)  # exactly the two subnets left may be measured
-    validate_table(table, n=10, out_dir=out, rounds=1, backend=counting)
+    validate_table(table, n=n, out_dir=out, rounds=1, backend=counting)
     assert counting.calls == 0
     rows = pd.read_csv(out / "validation.csv").set_index("arch_id")
     np.testing.assert_allclose(rows.loc[partial["arch_id"], "measured"], partial["measured"], rtol=1e-5)
@@ -147,12 +148,15 @@ def test_no_measure_scores_what_an_interrupted_validation_left(table_path, tmp_p
 
     table = LatencyTable.load(table_path)
     out = tmp_path / "report"
+    n = SUBNET_CHUNK + 2
     with pytest.raises(LatencyTableError, match="no measurements of an earlier validation"):
-        validate_table(table, n=10, out_dir=out, measure=False)
+        validate_table(table, n=n, out_dir=out, measure=False)
     with pytest.raises(KeyboardInterrupt):
-        validate_table(table, n=10, out_dir=out, rounds=1, backend=StopAfter(get_backend(table.profile), 9))
+        validate_table(table, n=n, out_dir=out, rounds=1,
+                       backend=StopAfter(get_backend(table.profile), SUBNET_CHUNK + 1))
     partial = pd.read_csv(out / PARTIAL)
-    report = validate_table(table, n=10, out_dir=out, measure=False)  # no backend is touched
-    assert len(report.rows) == len(partial) == 8 and any("scored 8 of 10" in w for w in report.warnings)
+    report = validate_table(table, n=n, out_dir=out, measure=False)  # no backend is touched
+    assert len(report.rows) == len(partial) == SUBNET_CHUNK
+    assert any(f"scored {SUBNET_CHUNK} of {n}" in w for w in report.warnings)
     assert set(report.rows["arch_id"]) == set(partial["arch_id"].astype(str))
     assert (out / "validation.json").is_file() and (out / PARTIAL).exists()  # a later run can still finish it

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hwnas.commands.busy import add_busy_arguments, guard_from_args
+
 EXAMPLE = """examples:
   hwnas latency validate --table latency_tables/mbv3-32/DEVICE__cpu-onnxruntime.csv --n 200
   hwnas latency validate --table T.csv --n 50 --out results/validation --allow-mismatch
@@ -41,13 +43,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     validate.add_argument("--n", type=int, default=200, help="random subnets to measure (default: %(default)s)")
     validate.add_argument("--seed", type=int, default=1, help="seed of the subnets (default: %(default)s)")
     validate.add_argument("--rounds", type=int, default=3,
-                          help="interleaved timing rounds per subnet; the quietest is kept (default: %(default)s)")
+                          help="interleaved timing rounds per subnet at least, more (up to 8) until the quickest two "
+                               "agree; the quickest is kept (default: %(default)s)")
     validate.add_argument("--out", type=Path, help="output directory (default: <table>.validation/ beside the table)")
     validate.add_argument("--allow-mismatch", action="store_true",
                           help="measure even if this device or the table's space differs from the table's")
     validate.add_argument("--no-measure", dest="measure", action="store_false",
                           help="measure nothing: score what an interrupted validation left in --out (on any machine)")
     validate.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_busy_arguments(validate)
     validate.set_defaults(run=run_validate)
 
     drift = actions.add_parser(
@@ -61,10 +65,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     drift.add_argument("--table", required=True, type=Path, help="the table's CSV (its .meta.json beside it)")
     drift.add_argument("--anchors", type=int, default=8, help="calibration subnets to re-time (default: %(default)s)")
-    drift.add_argument("--rounds", type=int, default=8,
-                       help="interleaved timing rounds per subnet; the quietest is kept (default: %(default)s)")
+    drift.add_argument("--rounds", type=int, default=3,
+                       help="interleaved timing rounds per subnet at least, more (up to 8) until the quickest two "
+                            "agree; the quickest is kept (default: %(default)s)")
     drift.add_argument("--tolerance", type=float, default=0.05,
                        help="relative change reported as drift (default: %(default)s)")
+    add_busy_arguments(drift)
     drift.set_defaults(run=run_drift)
 
 
@@ -78,9 +84,10 @@ def run_validate(args: argparse.Namespace) -> int:
     table = LatencyTable.load(args.table)
     out = args.out if args.out is not None else args.table.with_name(args.table.stem + ".validation")
     report = validate_table(table, n=args.n, seed=args.seed, out_dir=out, allow_mismatch=args.allow_mismatch,
-                            rounds=args.rounds, progress=not args.quiet, measure=args.measure)
+                            rounds=args.rounds, progress=not args.quiet, measure=args.measure,
+                            guard=guard_from_args(args, "latency validate") if args.measure else None)
     print_report(report)
-    print(f"wrote {report.files['csv']}, {report.files['png']} and {report.files['json']}")
+    print(f"wrote {out / report.files['csv']}, {out / report.files['png']} and {out / report.files['json']}")
     return 0
 
 
@@ -92,8 +99,11 @@ def run_drift(args: argparse.Namespace) -> int:
     if args.anchors < 1 or args.rounds < 1 or not 0 < args.tolerance < 1:
         raise HwnasError("--anchors and --rounds must be >= 1 and --tolerance within (0, 1)")
     table = LatencyTable.load(args.table)
-    check = check_drift(table, n=args.anchors, rounds=args.rounds, tolerance=args.tolerance)
+    check = check_drift(table, n=args.anchors, rounds=args.rounds, tolerance=args.tolerance,
+                        guard=guard_from_args(args, "latency drift"))
     print(f"{table.path}: {check.describe()}")
     for arch_id, then, now in zip(check.arch_ids, check.then_ms, check.now_ms, strict=True):
         print(f"  {arch_id}: {then:.4g} ms then, {now:.4g} ms now ({now / then:.3f}x)")
+    if check.advice:
+        print(f"  {check.advice}")
     return 0

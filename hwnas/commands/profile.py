@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hwnas.commands.busy import add_busy_arguments, guard_from_args
+
 EXAMPLE = """examples:
   hwnas profile --profile profiles/cpu-onnxruntime.toml --space mbv3-32
   hwnas profile --profile profiles/h100-tensorrt-fp16.toml --space mbv3-224 --out latency_tables/ \\
@@ -34,9 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--calibration-subnets", type=int, default=30, metavar="N",
                         help="random whole subnets measured to calibrate the table (default: %(default)s; 0: none)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved timing rounds per block; the quietest is kept (default: %(default)s)")
+                        help="interleaved timing rounds per block at least, more (up to 8) until the quickest two "
+                             "agree; the quickest is kept (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration subnets (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_busy_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     space = spaces.get(args.space)
     path = profile_space(space, args.profile, args.out, resume=args.resume,
                          calibration_subnets=args.calibration_subnets, seed=args.seed, progress=not args.quiet,
-                         rounds=args.rounds)
+                         rounds=args.rounds, guard=guard_from_args(args, "profile"))
     table = LatencyTable.load(path)
     low, high = table.latency_range(space)
     cal = table.calibration

@@ -8,6 +8,8 @@ the table's prediction are timed by one code path.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ from hwnas.errors import HwnasError
 from hwnas.latency.backends import OnnxRuntimeCpuBackend, TensorRTBackend, Timing, get_backend
 from hwnas.latency.profiler import combine_timings
 from hwnas.latency.profiles import DeviceProfile
+from hwnas.latency.quiet import QuietGuard
 
 if TYPE_CHECKING:
     from torch import nn
@@ -48,7 +51,7 @@ ROUND_GAP_S = 0.5
 
 def measure_artifact(profile: DeviceProfile, module: nn.Module, onnx_path: Path, input_shape: tuple[int, int, int],
                      engine_path: Path | None = None, rounds: int = MEASURE_ROUNDS,
-                     gap_s: float = ROUND_GAP_S) -> tuple[Timing, str, list[float]]:
+                     gap_s: float = ROUND_GAP_S, guard: QuietGuard | None = None) -> tuple[Timing, str, list[float]]:
     """Time what ships on the profile's backend: the ONNX file for ONNX Runtime, the engine for TensorRT,
     the module itself for the torch backends (whose deployment is the torch model).
 
@@ -61,16 +64,23 @@ def measure_artifact(profile: DeviceProfile, module: nn.Module, onnx_path: Path,
     mode also came in spells of several seconds: 16 rounds 0.1 s apart once all landed in one
     (1.7x the quiet time timed seconds before), so the rounds are spread over about 10 s. Every
     round's statistic is returned and written to deploy.json, so the spread is reported rather
-    than hidden.
+    than hidden. With `guard`, the machine is checked quiet first and the others' busy share over
+    the rounds is kept in the returned Timing (`others_busy`).
     """
     once, artifact = artifact_timer(profile, module=module, onnx_path=onnx_path, engine_path=engine_path,
                                     input_shape=input_shape)
+    if guard is not None:
+        guard.wait(f"timing {artifact}")
     timings = []
-    for i in range(max(1, rounds)):
-        if i:
-            time.sleep(gap_s)
-        timings.append(once())
-    return combine_timings(timings, profile.statistic), artifact, [t.value(profile.statistic) for t in timings]
+    with contextlib.ExitStack() as stack:
+        busy = stack.enter_context(guard.measuring(f"timing {artifact}")) if guard is not None else []
+        for i in range(max(1, rounds)):
+            if i:
+                time.sleep(gap_s)
+            timings.append(once())
+    others = busy[0].others if busy else math.nan
+    return (combine_timings(timings, profile.statistic, others), artifact,
+            [t.value(profile.statistic) for t in timings])
 
 
 __all__ = ["MEASURE_ROUNDS", "ROUND_GAP_S", "artifact_timer", "measure_artifact"]

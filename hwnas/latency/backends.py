@@ -54,6 +54,8 @@ class Timing:
     mean_ms: float
     n: int
     min_ms: float = math.nan  # NaN where only a summary was kept (e.g. rounds combined by the profiler)
+    rounds: int = 1  # rounds combined into this one (the quickest is what the other fields describe)
+    others_busy: float = math.nan  # the others' busy share of the CPUs while it was timed (hwnas.latency.quiet)
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float]) -> Timing:
@@ -100,8 +102,23 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-    """Wall-clock samples (ms) of `fn` after `warmup` untimed calls, GC paused while timing."""
+MIN_REPEATS = 10  # a time-capped round still times this many calls (fewer only if `repeats` is smaller)
+
+
+def time_calls(fn: Callable[[], object], warmup: int, repeats: int, round_ms: float = 0) -> list[float]:
+    """Wall-clock samples (ms) of `fn` after `warmup` untimed calls, GC paused while timing.
+
+    With `round_ms` > 0 the round is time-capped: the warm-up's last call sizes it to at most
+    `round_ms` of calls (no fewer than MIN_REPEATS, no more than `repeats`), and the warm-up shrinks
+    in proportion, so a 20 ms subnet costs a round what a 0.2 ms block does.
+    """
+    if round_ms > 0 and warmup > 0:
+        start = time.perf_counter_ns()
+        fn()
+        first = (time.perf_counter_ns() - start) / 1e6
+        calls = int(max(min(MIN_REPEATS, repeats), min(repeats, round_ms / max(first, 1e-6))))
+        warmup = max(0, min(warmup, round(warmup * calls / repeats)) - 1)
+        repeats = calls
     for _ in range(warmup):
         fn()
     samples = [0] * repeats
@@ -176,7 +193,8 @@ class OnnxRuntimeCpuBackend:
     def _time_session(self, session: Any, shape: tuple[int, int, int]) -> Timing:
         feed = {session.get_inputs()[0].name: _random_input(self.profile.batch_size, shape)}
         outputs = [o.name for o in session.get_outputs()]
-        samples = time_calls(lambda: session.run(outputs, feed), self.profile.warmup, self.profile.repeats)
+        samples = time_calls(lambda: session.run(outputs, feed), self.profile.warmup, self.profile.repeats,
+                             self.profile.round_ms)
         return Timing.from_samples(samples)
 
     def clear(self) -> None:
@@ -232,7 +250,8 @@ class TorchCpuBackend:
         torch.set_num_threads(self.profile.threads)
         try:
             with torch.inference_mode():
-                samples = time_calls(lambda: model(x), self.profile.warmup, self.profile.repeats)
+                samples = time_calls(lambda: model(x), self.profile.warmup, self.profile.repeats,
+                                     self.profile.round_ms)
         finally:
             torch.set_num_threads(previous)
         return Timing.from_samples(samples)

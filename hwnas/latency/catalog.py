@@ -19,6 +19,7 @@ from typing import Any
 from hwnas.errors import LatencyTableError
 from hwnas.latency.device import device_slug, fingerprint
 from hwnas.latency.profiler import profile_space, table_path
+from hwnas.latency.quiet import QuietGuard
 from hwnas.latency.table import LatencyTable
 from hwnas.space import SearchSpace
 
@@ -59,7 +60,7 @@ def find_table(space: SearchSpace, profile: Any, fp: dict[str, Any] | None = Non
 
 
 def table_for_device(space: SearchSpace, profile: Any, out_dir: str | Path, *, progress: bool = False,
-                     log: Callable[[str], None] = print) -> tuple[LatencyTable, bool]:
+                     log: Callable[[str], None] = print, guard: QuietGuard | None = None) -> tuple[LatencyTable, bool]:
     """A table for this device: a committed one that matches, else `space` profiled now into OUT_DIR/latency_tables
     (resumed if a killed run left one). Returns the table and whether it was committed (reused)."""
     fp = fingerprint(profile)
@@ -71,7 +72,7 @@ def table_for_device(space: SearchSpace, profile: Any, out_dir: str | Path, *, p
         log(f"  committed table not used: {why}")
     started = time.perf_counter()
     log(f"  no table for this device ({device_slug(fp)}) and profile: profiling {space.name} now (about a minute)")
-    path = profile_space(space, profile, Path(out_dir) / "latency_tables", resume=True, progress=progress)
+    path = profile_space(space, profile, Path(out_dir) / "latency_tables", resume=True, progress=progress, guard=guard)
     log(f"  profiled here in {time.perf_counter() - started:.0f} s: {path}")
     return LatencyTable.load(path), False
 

@@ -1,9 +1,13 @@
 """The device fingerprint: what a latency table was measured on, and whether another device is the same.
 
-A profile says how to measure; the fingerprint records the CPU model and threads, or the GPU, its
-driver, clocks and power limit, and the library versions. A table is refused on a device whose
-identity differs (another GPU model, another CPU, another thread count), and a softer difference
-(a driver or library update, other clocks) only warns.
+A profile says how to measure; the fingerprint records what was measured on: the CPU as it reports
+itself (vendor, family, model, stepping, an ISA-flags digest, caches: `hwnas.latency.cpuinfo`; a
+hypervisor's "AMD EPYC" names several generations), or the GPU, its driver, clocks and power limit;
+the runtime with its version and thread settings; the kernel and libraries. A table is refused on a
+device whose identity differs (another CPU or GPU model, another runtime version or thread count),
+naming every field that differs; a softer difference (microcode, kernel, driver, other libraries,
+clocks) only warns. Fingerprints of the format before version 2 could not tell CPUs of one name
+apart, so a table that carries one is refused too, with the advice to profile again.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from hwnas.errors import HwnasError, ProfileError
 from hwnas.latency.profiles import DeviceProfile
 
 LIBRARIES = ("torch", "onnxruntime", "onnx", "tensorrt", "numpy")
+FINGERPRINT_VERSION = 2
 
-# Fields whose change makes numbers mean something else. The CPU model and thread count are the
-# device on a CPU profile; on a CUDA profile the GPU is, and the host CPU only warns.
-IDENTITY_COMMON = ("kind", "backend", "precision")
-IDENTITY_CPU = ("cpu_model", "threads")
+# Fields whose change makes numbers mean something else (a key, or every key under a "prefix."). The
+# CPU and thread count are the device on a CPU profile; on a CUDA profile the GPU is, and the host CPU
+# only warns. The runtime (library, version, thread and execution settings) is the device's software.
+IDENTITY_COMMON = ("fingerprint_version", "kind", "backend", "precision", "runtime.")
+IDENTITY_CPU = ("cpu_model", "threads", "cpu.vendor", "cpu.family", "cpu.model", "cpu.stepping", "cpu.flags_digest",
+                "cpu.cache.")
 IDENTITY_CUDA = ("gpu_name", "sm_count", "mig_mode")  # a MIG slice has fewer SMs than its GPU
 # Sampled at the moment of fingerprinting (an idle GPU clocks down): recorded, never compared.
 VOLATILE = ("sm_clock_mhz", "mem_clock_mhz", "gpu_temperature_c", "nvml_error")
@@ -64,24 +71,52 @@ def _cpus_available() -> int:
         return os.cpu_count() or 1
 
 
+def runtime_settings(profile: DeviceProfile, libraries: Mapping[str, str]) -> dict[str, Any]:
+    """The runtime a profile times with, its version and the settings that change its speed.
+
+    What `exporters.onnx.ort_session` and the torch backends set up (`hwnas.latency.backends`): a
+    change here changes every number of a table, so all of it is identity.
+    """
+    if profile.backend == "onnxruntime-cpu":
+        return {"library": "onnxruntime", "version": libraries.get("onnxruntime"), "intra_op_threads": profile.threads,
+                "inter_op_threads": 1, "execution_mode": "sequential", "graph_optimization": "all",
+                "provider": "CPUExecutionProvider"}
+    if profile.backend == "tensorrt":
+        return {"library": "tensorrt", "version": libraries.get("tensorrt"), "precision": profile.precision}
+    settings: dict[str, Any] = {"library": "torch", "version": libraries.get("torch"),
+                                "channels_last": profile.channels_last}
+    if profile.is_cuda:
+        settings.update(cuda_graph=profile.backend == "torch-cuda-graph", cudnn_benchmark=False)
+    else:
+        settings.update(intra_op_threads=profile.threads, mode="inference_mode")
+    return settings
+
+
 def fingerprint(profile: DeviceProfile) -> dict[str, Any]:
-    """Describe this machine as `profile` would measure it: JSON-ready, flat except `libraries`.
+    """Describe this machine as `profile` would measure it: JSON-ready (see the module doc).
 
     A CUDA profile on a machine where torch sees no GPU is an error; NVML trouble on a machine that
     has one leaves the NVML fields out (with `nvml_error` saying why) rather than failing.
     """
+    from hwnas.latency.cpuinfo import cpu_identity
+
+    libraries = library_versions()
     fp: dict[str, Any] = {
+        "fingerprint_version": FINGERPRINT_VERSION,
         "kind": "cuda" if profile.is_cuda else "cpu",
         "backend": profile.backend,
         "precision": profile.precision,
+        "threads": profile.threads,
+        "runtime": runtime_settings(profile, libraries),
+        "cpu_model": cpu_model(),
+        "cpu": cpu_identity(),
+        "cpu_count": os.cpu_count() or 1,
+        "cpus_available": _cpus_available(),
+        "kernel": platform.release(),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count() or 1,
-        "cpus_available": _cpus_available(),
-        "threads": profile.threads,
-        "libraries": library_versions(),
+        "libraries": libraries,
     }
     if profile.is_cuda:
         fp.update(_cuda_fingerprint(profile))
@@ -220,8 +255,11 @@ def device_slug(fp: Mapping[str, Any]) -> str:
         if fp.get("mig_mode") == "enabled":
             slug += f"-mig-{int(fp.get('sm_count') or 0)}sm"
     else:
-        model = _NOISE.sub(" ", str(fp.get("cpu_model") or "unknown"))
-        slug = f"cpu-{_slug(model) or 'unknown'}-{int(fp.get('threads') or 0)}t"
+        model = _slug(_NOISE.sub(" ", str(fp.get("cpu_model") or "unknown"))) or "unknown"
+        cpu: Mapping[str, Any] = fp["cpu"] if isinstance(fp.get("cpu"), Mapping) else {}
+        if cpu.get("family") is not None and cpu.get("model") is not None:  # one name, several generations
+            model += f"-f{int(cpu['family'])}m{int(cpu['model'])}"
+        slug = f"cpu-{model}-{int(fp.get('threads') or 0)}t"
     return slug[:80].strip("-") or "unknown-device"
 
 
@@ -230,13 +268,17 @@ def _identity_fields(recorded: Mapping[str, Any], current: Mapping[str, Any]) ->
     return IDENTITY_COMMON + (IDENTITY_CUDA if cuda else IDENTITY_CPU)
 
 
-def _flatten(fp: Mapping[str, Any]) -> dict[str, Any]:
+def _is_identity(key: str, fields: tuple[str, ...]) -> bool:
+    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in fields)
+
+
+def _flatten(fp: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in fp.items():
         if isinstance(value, Mapping):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
+            flat.update(_flatten(value, f"{prefix}{key}."))
         else:
-            flat[key] = value
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
@@ -250,19 +292,19 @@ def fingerprint_differences(recorded: Mapping[str, Any], current: Mapping[str, A
     Identity differences mean another device or way of measuring (a table must be refused); soft
     ones (driver, library versions, clocks, power limit, host details) deserve a warning only.
     """
-    identity_keys = _identity_fields(recorded, current)
+    fields = _identity_fields(recorded, current)
     rec, cur = _flatten(recorded), _flatten(current)
     identity: list[str] = []
     soft: list[str] = []
-    for key in identity_keys:
-        if key in rec or key in cur:
-            if rec.get(key) != cur.get(key):
-                identity.append(f"{key}: recorded {_show(rec.get(key))}, here {_show(cur.get(key))}")
+    if rec.get("fingerprint_version") != cur.get("fingerprint_version"):
+        identity.append(f"fingerprint_version: recorded {_show(rec.get('fingerprint_version'))}, here "
+                        f"{_show(cur.get('fingerprint_version'))} (a fingerprint before version {FINGERPRINT_VERSION} "
+                        "cannot tell CPUs of one name apart: profile this device again)")
     for key in sorted(set(rec) | set(cur)):
-        if key in identity_keys or key in VOLATILE:
+        if key in VOLATILE or key == "fingerprint_version" or rec.get(key) == cur.get(key):
             continue
-        if rec.get(key) != cur.get(key):
-            soft.append(f"{key}: recorded {_show(rec.get(key))}, here {_show(cur.get(key))}")
+        line = f"{key}: recorded {_show(rec.get(key))}, here {_show(cur.get(key))}"
+        (identity if _is_identity(key, fields) else soft).append(line)
     return identity, soft
 
 
@@ -273,7 +315,9 @@ def describe(fp: Mapping[str, Any]) -> str:
         head = (f"{fp.get('gpu_name')} (driver {fp.get('driver', '?')}, CUDA {fp.get('torch_cuda', '?')}, "
                 f"power limit {fp.get('power_limit_w', '?')} W)")
     else:
-        head = f"{fp.get('cpu_model')} ({fp.get('threads')} thread(s) of {fp.get('cpus_available')})"
+        cpu = fp["cpu"] if isinstance(fp.get("cpu"), Mapping) else {}
+        generation = f", family {cpu.get('family')} model {cpu.get('model')}" if cpu else ""
+        head = f"{fp.get('cpu_model')}{generation} ({fp.get('threads')} thread(s) of {fp.get('cpus_available')})"
     return f"{head}; python {fp.get('python')}; {libs}"
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 from hwnas.errors import LatencyTableError
 from hwnas.latency.ondevice import DEFAULT_ROUNDS, subnet_timer
 from hwnas.latency.profiler import calibration_path
+from hwnas.latency.quiet import QuietGuard
 from hwnas.latency.table import LatencyTable
 from hwnas.space import Arch
 
@@ -39,6 +40,17 @@ class DriftCheck:
     seconds: float
     tolerance: float = DEFAULT_TOLERANCE
     passes: int = 1  # a second pass is timed when the first finds drift (see check_drift)
+    profile: str | None = None  # the table's profile and space, for the advice
+    space: str | None = None
+
+    @property
+    def advice(self) -> str:
+        """What to do about a drift beyond the tolerance ('' within it)."""
+        if not self.significant:
+            return ""
+        return (f"the table no longer describes this device as it runs now: profile it again (hwnas profile --profile "
+                f"{self.profile or 'PROFILE'} --space {self.space or 'SPACE'} --no-resume) once the machine is quiet, "
+                "or scale the predictions for one search (hwnas search --drift correct)")
 
     @property
     def ratios(self) -> list[float]:
@@ -105,7 +117,7 @@ def anchor_archs(table: LatencyTable, n: int = DEFAULT_ANCHORS) -> list[tuple[Ar
 
 def check_drift(table: LatencyTable, profile: Any = None, *, n: int = DEFAULT_ANCHORS,
                 rounds: int = DEFAULT_ROUNDS, tolerance: float = DEFAULT_TOLERANCE, backend: Any = None,
-                pause_s: float = 3.0) -> DriftCheck:
+                pause_s: float = 3.0, guard: QuietGuard | None = None) -> DriftCheck:
     """Time `n` of the table's calibration subnets on this machine, as the profiler did, and compare.
 
     The table holds the device's quiet speed (the quietest of interleaved rounds), so the check
@@ -117,7 +129,7 @@ def check_drift(table: LatencyTable, profile: Any = None, *, n: int = DEFAULT_AN
     Refuses a table measured on another device or profile: a ratio against another machine's
     numbers is not drift.
     """
-    measure = subnet_timer(table, profile, rounds=rounds, backend=backend)
+    measure = subnet_timer(table, profile, rounds=rounds, backend=backend, guard=guard)
     anchors = anchor_archs(table, n)
     archs = [arch for arch, _ in anchors]
     then = np.asarray([t for _, t in anchors])
@@ -130,7 +142,8 @@ def check_drift(table: LatencyTable, profile: Any = None, *, n: int = DEFAULT_AN
         passes = 2
     return DriftCheck(factor=float(np.median(now / then)), arch_ids=[a.arch_id for a in archs],
                       then_ms=then.tolist(), now_ms=now.tolist(), seconds=time.perf_counter() - started,
-                      tolerance=tolerance, passes=passes)
+                      tolerance=tolerance, passes=passes, profile=(table.profile_dict or {}).get("name"),
+                      space=table.space_name)
 
 
 def corrected(table: LatencyTable, check: DriftCheck) -> LatencyTable:

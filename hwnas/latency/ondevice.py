@@ -11,12 +11,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hwnas.errors import LatencyTableError
-from hwnas.latency.profiler import measure_subnets
+from hwnas.latency.profiler import MAX_ROUNDS, measure_subnets
+from hwnas.latency.quiet import QuietGuard
 from hwnas.latency.table import LatencyTable
 from hwnas.space import Arch
 
-# The quiet mode of a shared VM showed in one round in four at worst (see hwnas.latency.artifact.measure_artifact).
-DEFAULT_ROUNDS = 8
+# At least three rounds, up to MAX_ROUNDS until the quickest two agree: the profiler's schedule, so that
+# a timing here and the table's number mean the same (benchmarks/timing_schedule.py).
+DEFAULT_ROUNDS = 3
 
 
 def own_profile(table: LatencyTable, profile: Any = None) -> Any:
@@ -31,9 +33,11 @@ def own_profile(table: LatencyTable, profile: Any = None) -> Any:
 
 
 def subnet_timer(table: LatencyTable, profile: Any = None, *, rounds: int = DEFAULT_ROUNDS,
-                 backend: Any = None) -> Callable[[Sequence[Arch]], list[float]]:
-    """A function timing subnets end to end here, in the table's statistic (ms), each the quietest of
-    `rounds` interleaved rounds (so a burst of load lands on one round of several subnets)."""
+                 backend: Any = None, guard: QuietGuard | None = None,
+                 max_rounds: int = MAX_ROUNDS) -> Callable[[Sequence[Arch]], list[float]]:
+    """A function timing subnets end to end here, in the table's statistic (ms), each the quickest of at least
+    `rounds` interleaved rounds, more until two agree (the profiler's schedule, `time_interleaved`), with
+    `guard` watching the machine."""
     from hwnas.latency.backends import get_backend
 
     profile = own_profile(table, profile)
@@ -41,7 +45,8 @@ def subnet_timer(table: LatencyTable, profile: Any = None, *, rounds: int = DEFA
     space, statistic = table.space, table.statistic
 
     def measure(archs: Sequence[Arch]) -> list[float]:
-        timed = measure_subnets(space, list(archs), backend, rounds=rounds, statistic=statistic)
+        timed = measure_subnets(space, list(archs), backend, rounds=rounds, statistic=statistic, guard=guard,
+                                max_rounds=max_rounds)
         return [float(timing.value(statistic)) for _, timing in timed]
 
     return measure

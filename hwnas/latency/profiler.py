@@ -9,7 +9,9 @@ subnets (for the calibration, and in validation) are timed the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import sys
 import time
 import warnings
@@ -23,11 +25,16 @@ import pandas as pd
 from hwnas.blocks import build_block, build_network
 from hwnas.errors import LatencyTableError
 from hwnas.fileio import atomic_write_text
+from hwnas.latency.quiet import QuietGuard
 from hwnas.latency.table import LatencyTable
 from hwnas.space import Arch, BlockSpec, SearchSpace
 
-CHUNK = 8  # blocks timed together in interleaved rounds, and written together
+CHUNK = 32  # blocks timed together in interleaved rounds (a round lasts about a second), and written together
+SUBNET_CHUNK = 16  # whole subnets timed together
+MAX_ROUNDS = 8
+AGREE = 0.02
 CALIBRATION_COLUMNS = ("arch_id", "arch", "raw_ms", "median_ms", "p10_ms", "p90_ms", "mean_ms", "min_ms", "n")
+TIMING_EXTRAS = ("rounds", "others_busy")  # kept where measured (tables from before have no such columns)
 
 
 def table_path(out_dir: str | Path, space: SearchSpace, profile: Any, slug: str) -> Path:
@@ -47,7 +54,7 @@ def resolve_profile(profile: Any) -> Any:
     return profile if isinstance(profile, DeviceProfile) else load_profile(profile)
 
 
-def combine_timings(timings: Sequence[Any], statistic: str = "median") -> Any:
+def combine_timings(timings: Sequence[Any], statistic: str = "median", others_busy: float = math.nan) -> Any:
     """One `Timing` from several rounds: the round whose `statistic` is lowest, with all samples counted.
 
     Load from other processes only ever adds time, so the least disturbed round is the best estimate
@@ -55,21 +62,48 @@ def combine_timings(timings: Sequence[Any], statistic: str = "median") -> Any:
     """
     from hwnas.latency.backends import Timing
 
-    if len(timings) == 1:
-        return timings[0]
     best = min(timings, key=lambda t: t.value(statistic))
     return Timing(median_ms=best.median_ms, p10_ms=best.p10_ms, p90_ms=best.p90_ms, mean_ms=best.mean_ms,
-                  n=int(sum(t.n for t in timings)), min_ms=float(min(t.min_ms for t in timings)))
+                  n=int(sum(t.n for t in timings)), min_ms=float(min(t.min_ms for t in timings)),
+                  rounds=int(sum(t.rounds for t in timings)), others_busy=others_busy)
+
+
+def confirmed(timings: Sequence[Any], statistic: str = "median", agree: float = AGREE) -> bool:
+    """Whether the two quickest rounds agree within `agree`: the quick mode was seen twice, not once by luck."""
+    values = sorted(t.value(statistic) for t in timings)
+    return len(values) >= 2 and values[1] <= (1 + agree) * values[0]
 
 
 def time_interleaved(backend: Any, items: Sequence[tuple[Any, tuple[int, int, int]]], rounds: int,
-                     statistic: str = "median") -> list[Any]:
-    """Time several modules in `rounds` round-robin passes and combine each one's rounds."""
+                     statistic: str = "median", *, max_rounds: int = MAX_ROUNDS, agree: float = AGREE,
+                     guard: QuietGuard | None = None, what: str = "timing") -> list[Any]:
+    """Time several modules in round-robin passes and keep each one's quickest round.
+
+    At least `rounds` passes; then, up to `max_rounds`, more passes over the items whose two
+    quickest rounds do not yet agree within `agree` (with `rounds` 1, one pass and no more) (`benchmarks/timing_schedule.py`: on the shared
+    development VM a fixed number of passes kept a slow spell for one item in five; asking for the
+    quick mode twice repeats better at a fraction of the cost of always timing eight rounds).
+    With `guard`, the machine is checked quiet first (`QuietGuard.wait`) and the others' busy
+    share over the passes is recorded with every timing (a busy machine is its policy's matter).
+    """
+    if guard is not None:
+        guard.wait(what)
     per_item: list[list[Any]] = [[] for _ in items]
-    for _ in range(max(1, rounds)):
-        for i, (module, shape) in enumerate(items):
-            per_item[i].append(backend.time_module(module, shape))
-    return [combine_timings(t, statistic) for t in per_item]
+    todo = list(range(len(items)))
+    with contextlib.ExitStack() as stack:
+        busy = stack.enter_context(guard.measuring(what)) if guard is not None else []
+        for done in range(max(max_rounds, rounds, 1)):
+            for i in todo:
+                module, shape = items[i]
+                per_item[i].append(backend.time_module(module, shape))
+            if rounds < 2:  # one pass asked for: nothing to confirm
+                break
+            if done + 1 >= rounds:
+                todo = [i for i in todo if not confirmed(per_item[i], statistic, agree)]
+                if not todo:
+                    break
+    others = busy[0].others if busy else math.nan
+    return [combine_timings(t, statistic, others) for t in per_item]
 
 
 def block_input_shape(spec: BlockSpec) -> tuple[int, int, int]:
@@ -94,9 +128,10 @@ def calibration_archs(space: SearchSpace, n: int, seed: int, exclude: set[str] |
 
 
 def measure_subnets(space: SearchSpace, archs: Sequence[Arch], backend: Any, *, rounds: int = 3,
-                    statistic: str = "median", chunk: int = CHUNK,
+                    statistic: str = "median", chunk: int = SUBNET_CHUNK,
                     on_chunk: Callable[[list[tuple[Arch, Any]]], None] | None = None,
-                    progress: bool = False, desc: str = "subnets") -> list[tuple[Arch, Any]]:
+                    progress: bool = False, desc: str = "subnets", guard: QuietGuard | None = None,
+                    max_rounds: int = MAX_ROUNDS) -> list[tuple[Arch, Any]]:
     """Time whole subnets end to end (fresh weights: latency does not depend on their values)."""
     from tqdm import tqdm
 
@@ -106,7 +141,8 @@ def measure_subnets(space: SearchSpace, archs: Sequence[Arch], backend: Any, *, 
         for start in range(0, len(archs), chunk):
             group = archs[start:start + chunk]
             items = [(build_network(space.blocks(a), space.se_ratio).eval(), space.input_shape(a)) for a in group]
-            timings = time_interleaved(backend, items, rounds, statistic)
+            timings = time_interleaved(backend, items, rounds, statistic, max_rounds=max_rounds, guard=guard,
+                                       what=f"timing {desc} {start + 1}-{start + len(group)}")
             done = list(zip(group, timings, strict=True))
             results += done
             if on_chunk is not None:
@@ -151,11 +187,15 @@ def _start_table(path: Path, space: SearchSpace, profile: Any, fp: dict[str, Any
 
 def profile_space(space: SearchSpace, profile: Any, out_dir: str | Path = "latency_tables", *, resume: bool = True,
                   calibration_subnets: int = 30, seed: int = 0, progress: bool = True, rounds: int = 3,
-                  backend: Any = None, on_row: Callable[[BlockSpec, Any], None] | None = None) -> Path:
+                  backend: Any = None, on_row: Callable[[BlockSpec, Any], None] | None = None,
+                  guard: QuietGuard | None = None, max_rounds: int = MAX_ROUNDS) -> Path:
     """Measure every block of `space` (stem and head included) and calibrate on whole subnets.
 
-    Returns the CSV path. `rounds` interleaved passes per block (see the module docstring); `on_row`
-    is called after each block's row is on disk (a progress hook, also used to interrupt in tests).
+    Returns the CSV path. At least `rounds` interleaved passes per block, more (up to `max_rounds`)
+    until its quickest two agree (`time_interleaved`); `on_row` is called after each block's row is
+    on disk (a progress hook, also used to interrupt in tests). `guard` (a `QuietGuard`) waits for a
+    quiet machine before each group of blocks, records how busy it was beside every row and in the
+    metadata, and refuses (its policy) to write a group timed on a busy machine.
     """
     from tqdm import tqdm
 
@@ -179,7 +219,9 @@ def profile_space(space: SearchSpace, profile: Any, out_dir: str | Path = "laten
         for start in range(0, len(todo), CHUNK):
             group = todo[start:start + CHUNK]
             items = [(build_block(spec, space.se_ratio).eval(), block_input_shape(spec)) for spec in group]
-            timings = time_interleaved(backend, items, rounds, table.statistic)
+            timings = time_interleaved(backend, items, rounds, table.statistic, max_rounds=max_rounds, guard=guard,
+                                       what=f"timing blocks {len(specs) - len(todo) + start + 1}-"
+                                            f"{len(specs) - len(todo) + start + len(group)} of {len(specs)}")
             for spec, timing in zip(group, timings, strict=True):
                 table.record(spec, timing)
             now = time.perf_counter()
@@ -207,7 +249,7 @@ def profile_space(space: SearchSpace, profile: Any, out_dir: str | Path = "laten
             atomic_write_text(cal_path, rows.to_csv(index=False, float_format="%.6g"))
 
         measure_subnets(space, todo_archs, backend, rounds=rounds, statistic=table.statistic, on_chunk=write,
-                        progress=progress, desc=f"calibration {space.name}")
+                        progress=progress, desc=f"calibration {space.name}", guard=guard, max_rounds=max_rounds)
         wanted = {a.arch_id: a for a in archs}
         stat = f"{table.statistic}_ms"
         measured = [(wanted[i], float(v)) for i, v in zip(rows["arch_id"], rows[stat], strict=True) if i in wanted]
@@ -217,6 +259,10 @@ def profile_space(space: SearchSpace, profile: Any, out_dir: str | Path = "laten
         table.fit_calibration([])
     _account(table, time.perf_counter() - clock, 0)
     table.meta["profiling"]["measured_last_run"] = measured_now
+    table.meta["profiling"]["schedule"] = {"min_rounds": rounds, "max_rounds": max_rounds, "agree": AGREE,
+                                           "blocks_per_group": CHUNK, "subnets_per_group": SUBNET_CHUNK}
+    if guard is not None:
+        table.meta["quiet"] = guard.summary()
     table.save(path)
     if progress:
         info = table.meta["profiling"]
@@ -240,4 +286,5 @@ def _account(table: LatencyTable, seconds: float, blocks: int) -> None:
 def _calibration_row(table: LatencyTable, arch: Arch, timing: Any) -> dict[str, Any]:
     return {"arch_id": arch.arch_id, "arch": json.dumps(arch.to_dict(), sort_keys=True),
             "raw_ms": table.predict_raw(arch), "median_ms": timing.median_ms, "p10_ms": timing.p10_ms,
-            "p90_ms": timing.p90_ms, "mean_ms": timing.mean_ms, "min_ms": timing.min_ms, "n": timing.n}
+            "p90_ms": timing.p90_ms, "mean_ms": timing.mean_ms, "min_ms": timing.min_ms, "n": timing.n,
+            "rounds": timing.rounds, "others_busy": timing.others_busy}

@@ -7,6 +7,8 @@ refused with the file and the field named before any minute of profiling is spen
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import tomllib
@@ -64,6 +66,7 @@ class DeviceProfile:
     channels_last: bool = False
     expect: dict[str, str] = field(default_factory=dict, hash=False)
     description: str = ""
+    round_ms: int = 0  # > 0: a round times at most this many ms of calls (at least 10): big models cost what small do
     path: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,10 +86,22 @@ class DeviceProfile:
         return _display(self.path) if self.path is not None else f"profile '{self.name}'"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values, as stored in a latency table's metadata."""
+        """Plain JSON-ready values of every field."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["expect"] = dict(self.expect)
         data["path"] = str(self.path) if self.path is not None else None
+        return data
+
+    @property
+    def digest(self) -> str:
+        """A hash of the settings (not of the file: comments and layout do not count), short and stable."""
+        settings = {k: v for k, v in self.to_dict().items() if k != "path"}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_record(self) -> dict[str, Any]:
+        """What a table's metadata records: the settings by value, named and hashed, without this machine's path."""
+        data = {k: v for k, v in self.to_dict().items() if k != "path"}
+        data["digest"] = self.digest
         return data
 
 
@@ -114,8 +129,10 @@ def _validate(p: DeviceProfile) -> None:
     where = p.where
     for name in ("name", "backend", "precision", "statistic", "device", "description"):
         _check_type(where, name, getattr(p, name), str)
-    for name in ("batch_size", "threads", "warmup", "repeats"):
+    for name in ("batch_size", "threads", "warmup", "repeats", "round_ms"):
         _check_type(where, name, getattr(p, name), int)
+    if p.round_ms < 0:
+        raise _fail(where, "round_ms", f"must be >= 0 (0: every round times `repeats` calls), got {p.round_ms}")
     _check_type(where, "channels_last", p.channels_last, bool)
 
     if not _NAME.match(p.name):

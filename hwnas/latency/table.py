@@ -82,7 +82,9 @@ class LatencyTable:
         """Add (or replace) the row of one block from a backend `Timing`."""
         row = {"key": spec.key, "kind": spec.kind, "median_ms": float(timing.median_ms),
                "p10_ms": float(timing.p10_ms), "p90_ms": float(timing.p90_ms), "n": int(timing.n),
-               "mean_ms": float(timing.mean_ms), "min_ms": float(getattr(timing, "min_ms", math.nan))}
+               "mean_ms": float(timing.mean_ms), "min_ms": float(getattr(timing, "min_ms", math.nan)),
+               "rounds": int(getattr(timing, "rounds", 1)),
+               "others_busy": float(getattr(timing, "others_busy", math.nan))}
         rows = self._rows[self._rows["key"] != spec.key]
         new = pd.DataFrame([row])
         self._rows = new if rows.empty else pd.concat([rows, new], ignore_index=True)

@@ -21,7 +21,7 @@ from hwnas.errors import LatencyTableError
 FORMAT_VERSION = 1
 KINDS = ("stem", "first", "mbconv", "head")  # BlockSpec kinds: the values of the column 'kind'
 COLUMNS = ("key", "kind", "median_ms", "p10_ms", "p90_ms", "n")
-OPTIONAL_COLUMNS = ("mean_ms", "min_ms")
+OPTIONAL_COLUMNS = ("mean_ms", "min_ms", "rounds", "others_busy")
 META_FIELDS = ("format_version", "space", "profile", "fingerprint", "device_slug", "calibration")
 
 

@@ -19,7 +19,7 @@ from hwnas.space import SearchSpace
 # Profile fields that decide what a number means; the rest (name, warm-up, repeats, notes) only how
 # carefully it was measured.
 PROFILE_IDENTITY_FIELDS = ("backend", "precision", "batch_size", "threads", "statistic", "device", "channels_last")
-PROFILE_SOFT_FIELDS = ("name", "warmup", "repeats")
+PROFILE_SOFT_FIELDS = ("name", "warmup", "repeats", "round_ms")
 
 MISMATCH_HINT = "pass allow_mismatch=True (CLI: --allow-mismatch) to use it anyway"
 
@@ -28,7 +28,9 @@ def profile_dict(profile: Any) -> dict[str, Any] | None:
     """A profile as a table's metadata records it (plain JSON values); None stays None."""
     if profile is None:
         return None
-    return jsonable(profile)
+    record = getattr(profile, "to_record", None)
+    data: dict[str, Any] = jsonable(record() if callable(record) else profile)
+    return data
 
 
 def space_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -81,8 +83,13 @@ def check_target(meta: Mapping[str, Any], space: SearchSpace | None = None, prof
     identity, soft = target_differences(meta, space, profile, fingerprint)
     if identity and not allow_mismatch:
         where = f"{path}: " if path else ""
+        redo = ""
+        if fingerprint is not None and any(d.startswith("device ") for d in identity):
+            name = (meta.get("profile") or {}).get("name") or "PROFILE"
+            redo = (f"profile this device for it (hwnas profile --profile {name} --space "
+                    f"{(meta.get('space') or {}).get('name', 'SPACE')}) or ")
         raise LatencyTableError(f"{where}table was measured for another target ({'; '.join(identity)}); "
-                                f"{MISMATCH_HINT}")
+                                f"{redo}{MISMATCH_HINT}")
     return identity + soft
 
 

@@ -8,6 +8,7 @@ to beat; the FLOPs line is fitted on the very subnets it is scored on, which fla
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import pandas as pd
 from hwnas.errors import LatencyTableError
 from hwnas.fileio import atomic_write_text
 from hwnas.latency.profiler import calibration_archs, measure_subnets
+from hwnas.latency.quiet import QuietGuard
 from hwnas.latency.table import LatencyTable
 from hwnas.space import Arch, SearchSpace
 
@@ -74,13 +76,14 @@ class ValidationReport:
     calibration: str
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    quiet: dict[str, Any] | None = None  # the quiet guard's summary of the machine while it measured
 
     def to_dict(self) -> dict[str, Any]:
         return {"table": self.table, "space": self.space, "backend": self.backend, "device_slug": self.device_slug,
                 "statistic": self.statistic, "n": len(self.rows), "calibration": self.calibration,
                 "lut": self.lut, "flops_proxy": self.flops,
                 "flops_proxy_fit": {**self.flops_fit, "note": "fitted in sample on these subnets (flatters FLOPs)"},
-                "warnings": self.warnings, "files": self.files}
+                "quiet": self.quiet, "warnings": self.warnings, "files": self.files}
 
     def summary(self) -> str:
         """The figures as a small aligned table, LUT beside the FLOPs proxy."""
@@ -98,7 +101,7 @@ class ValidationReport:
 def validate_table(table: LatencyTable | str | Path, space: SearchSpace | None = None, *, n: int = 200, seed: int = 1,
                    backend: Any = None, out_dir: str | Path | None = None, allow_mismatch: bool = False,
                    rounds: int = 3, resume: bool = True, progress: bool = False,
-                   measure: bool = True) -> ValidationReport:
+                   measure: bool = True, guard: QuietGuard | None = None) -> ValidationReport:
     """Measure `n` random subnets on the table's backend and score the table's predictions against them.
 
     Refuses to measure on a device whose identity differs from the table's (the comparison would say
@@ -149,12 +152,13 @@ def validate_table(table: LatencyTable | str | Path, space: SearchSpace | None =
         for arch, timing in chunk:
             done[arch.arch_id] = {"arch": arch.to_json(), "arch_id": arch.arch_id,
                                   "measured": float(timing.value(statistic)), "p10": float(timing.p10_ms),
-                                  "p90": float(timing.p90_ms), "n": int(timing.n)}
+                                  "p90": float(timing.p90_ms), "n": int(timing.n), "rounds": int(timing.rounds),
+                                  "others_busy": float(timing.others_busy)}
         if out is not None:
             _write_partial(out, table, seed, statistic, done)
 
     measure_subnets(space, todo, backend, rounds=rounds, statistic=statistic, on_chunk=keep, progress=progress,
-                    desc="validation")
+                    desc="validation", guard=guard)
 
     measured = np.array([done[a.arch_id]["measured"] for a in archs])
     predicted = table.predict_many(archs)
@@ -165,12 +169,15 @@ def validate_table(table: LatencyTable | str | Path, space: SearchSpace | None =
         "flops": flops.astype(np.int64), "predicted": predicted, "predicted_raw": [table.predict_raw(a) for a in archs],
         "flops_proxy": flops_pred, "measured": measured,
         "p10": [done[a.arch_id]["p10"] for a in archs], "p90": [done[a.arch_id]["p90"] for a in archs],
+        "rounds": [done[a.arch_id].get("rounds", math.nan) for a in archs],
+        "others_busy": [done[a.arch_id].get("others_busy", math.nan) for a in archs],
     })
     report = ValidationReport(
         table=str(table.path), space=space.name, backend=str(getattr(profile, "backend", "?")),
         device_slug=table.device_slug, statistic=statistic, rows=rows, lut=error_figures(predicted, measured),
         flops=error_figures(flops_pred, measured), flops_fit=flops_fit, calibration=str(table.calibration["kind"]),
-        warnings=warnings)
+        warnings=warnings + (guard.warnings if guard is not None else []),
+        quiet=guard.summary() if guard is not None else None)
     if out is not None:
         _write_outputs(report, out)
     if out is not None and measure:
@@ -203,7 +210,7 @@ def _write_partial(out: Path, table: LatencyTable, seed: int, statistic: str, do
 def _write_outputs(report: ValidationReport, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "validation.csv", "png": out / "validation.png", "json": out / "validation.json"}
-    report.files = {k: str(v) for k, v in files.items()}
+    report.files = {k: v.name for k, v in files.items()}  # beside validation.json: names, not this machine's paths
     atomic_write_text(files["csv"], report.rows.to_csv(index=False, float_format="%.6g"))
     _plot(report, files["png"])
     atomic_write_text(files["json"], json.dumps(report.to_dict(), indent=2) + "\n")

@@ -266,10 +266,17 @@ def _drift_checked(table: LatencyTable, correct: bool, journal: EvaluationJourna
             return table
         applied = dict(note["applied"])
         return table.with_drift(float(applied.pop("factor")), applied)
-    check = check_drift(table)
+    check = check_drift(table, guard=_watch(warn))
     scaled = apply_drift(table, check, correct=correct, log=log, warn=warn, label=f"{table.path}: ")
     journal.note(key, {"factor": check.factor, "applied": scaled.meta.get("drift") if scaled.drifted else None})
     return scaled
+
+
+def _watch(warn: Log) -> Any:
+    """The quiet guard of a search's timings on this device: wait up to 20 s for a quiet machine, then warn."""
+    from hwnas.latency.quiet import QuietGuard
+
+    return QuietGuard(policy="warn", max_wait_s=20.0, log=lambda line: warn(line.strip().removeprefix("warning: ")))
 
 
 def _evaluator(request: SearchRequest, supernet: Any, state: dict[str, Any]) -> tuple[Any, str]:
@@ -390,7 +397,7 @@ def _measured(result: SearchResult, table: LatencyTable, budget: float, top_k: i
     from hwnas.latency.ondevice import subnet_timer
     from hwnas.search.measured import describe_pick, measured_pick
 
-    result = measured_pick(result, subnet_timer(table), budget, top_k=top_k)
+    result = measured_pick(result, subnet_timer(table, guard=_watch(warn)), budget, top_k=top_k)
     (log if result.info["measured_pick"]["met_budget"] else warn)(describe_pick(result))
     return result
 
