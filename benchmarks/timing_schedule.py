@@ -7,14 +7,17 @@ fall in one spell measures the spell. This benchmark times the same subnets (mbv
 ONNX Runtime, 1 thread, batch 1, as `cpu-onnxruntime`) with several schedules, each repeated
 `--reps` times, all interleaved, and reports how well each repeats itself and what it costs:
 
-- `chunk3`: groups of 8, 3 interleaved rounds back to back, the quietest round kept (the profiler's
-  schedule up to now);
+- `chunk3`: groups of 8, 3 interleaved rounds back to back, the quickest round kept (the profiler's
+  schedule before this benchmark);
 - `chunk8`: the same with 8 rounds;
-- `spread3`: 3 rounds over the whole set (rounds seconds apart), the quietest kept;
-- `sentinel3`: `chunk3`, each round bracketed by a sentinel (a small fixed model timed for a few
-  milliseconds); a round whose sentinel ran more than `--tolerance` over its quickest is timed again
-  (after a short pause, at most `--retries` times);
-- `sentinel3-min`: `sentinel3` with the minimum of a round instead of its median.
+- `spread3`, `spread8`: 3 or 8 rounds over the whole set (rounds seconds apart), the quickest kept;
+- `gated3`: `spread3`, each item-round bracketed by a sentinel (a small fixed model timed for 8 ms);
+  a round the sentinel did not see in its quick mode before and after is timed again, after
+  waiting for the quick mode (at most `--max-wait`, `--retries` times);
+- `gated3n`: `gated3`, each round scaled by the sentinel's speed against its speed at the start
+  (does a drift of the quick mode itself cancel out?);
+- `confirm3`: 3 rounds over the whole set, then more (up to `--max-rounds`) for the items whose
+  two quickest rounds do not yet agree within `--confirm` (what the profiler now does, in groups).
 
 A round times at most `--round-ms` of calls (at least 5, at most 100) after a warm-up of a fifth as
 many, so a 20 ms subnet costs what a 0.2 ms block does. The figure of merit is how far one

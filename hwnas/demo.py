@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hwnas.errors import HwnasError
+from hwnas.fileio import display_path
 
 if TYPE_CHECKING:
     from hwnas.deploy import DeployReport
@@ -118,7 +119,7 @@ def run_demo(request: DemoRequest, *, log: Log = print, warn: Log = print) -> De
         if not ckpt.is_file():
             raise HwnasError(f"{ckpt}: no supernet checkpoint; pass --supernet CKPT or --train-minutes N")
     supernet, state = load_supernet(ckpt, space_name=SPACE)
-    log(f"  {ckpt} ({state.get('dataset', '?')}, epoch {state.get('epoch', '?')})")
+    log(f"  {display_path(ckpt)} ({state.get('dataset', '?')}, epoch {state.get('epoch', '?')})")
 
     log("[3/5] budget")
     feasible = check_budget(space, table, request.budget_ms if request.budget_ms is not None else 1e9,

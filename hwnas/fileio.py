@@ -1,4 +1,5 @@
-"""Atomic file writes: every file hwnas leaves behind is either the old one or the whole new one.
+"""Files on disk: atomic writes (every file hwnas leaves behind is the old one or the whole new one), and how paths
+are shown.
 
 Profiling and training are long and may be killed at any moment; a reader (or a resumed run) must
 never find half a table or half a log. Kept free of torch so that the latency tables and the
@@ -53,3 +54,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """`atomic_write_bytes` of the UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def display_path(path: str | Path) -> str:
+    """`path` as hwnas prints it: relative to the working directory where it lies below it (short, and not this
+    machine's absolute layout in a transcript someone else reads), else as given."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)

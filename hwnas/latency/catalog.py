@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hwnas.errors import LatencyTableError
+from hwnas.fileio import display_path
 from hwnas.latency.device import device_slug, fingerprint
 from hwnas.latency.profiler import profile_space, table_path
 from hwnas.latency.quiet import QuietGuard
@@ -66,14 +67,15 @@ def table_for_device(space: SearchSpace, profile: Any, out_dir: str | Path, *, p
     fp = fingerprint(profile)
     table, notes = find_table(space, profile, fp)
     if table is not None:
-        log(f"  reused {table.path} (fingerprint matches{'; ' + '; '.join(notes) if notes else ''})")
+        shown = display_path(table.path) if table.path is not None else "the table"
+        log(f"  reused {shown} (fingerprint matches{'; ' + '; '.join(notes) if notes else ''})")
         return table, True
     for why in notes:
         log(f"  committed table not used: {why}")
     started = time.perf_counter()
     log(f"  no table for this device ({device_slug(fp)}) and profile: profiling {space.name} now (about a minute)")
     path = profile_space(space, profile, Path(out_dir) / "latency_tables", resume=True, progress=progress, guard=guard)
-    log(f"  profiled here in {time.perf_counter() - started:.0f} s: {path}")
+    log(f"  profiled here in {time.perf_counter() - started:.0f} s: {display_path(path)}")
     return LatencyTable.load(path), False
 
 

@@ -80,9 +80,11 @@ def time_interleaved(backend: Any, items: Sequence[tuple[Any, tuple[int, int, in
     """Time several modules in round-robin passes and keep each one's quickest round.
 
     At least `rounds` passes; then, up to `max_rounds`, more passes over the items whose two
-    quickest rounds do not yet agree within `agree` (with `rounds` 1, one pass and no more) (`benchmarks/timing_schedule.py`: on the shared
-    development VM a fixed number of passes kept a slow spell for one item in five; asking for the
-    quick mode twice repeats better at a fraction of the cost of always timing eight rounds).
+    quickest rounds do not yet agree within `agree` (with `rounds` 1, one pass and no more): a
+    quick mode seen twice, rather than once by luck or never. The extra passes cost time only where
+    the rounds disagree. `benchmarks/timing_schedule.py` compares this with fixed schedules on the
+    development VM; on its noisiest day no schedule tried repeated within 5 % for more than about
+    two items in three, so the schedule narrows the noise but cannot remove a host's.
     With `guard`, the machine is checked quiet first (`QuietGuard.wait`) and the others' busy
     share over the passes is recorded with every timing (a busy machine is its policy's matter).
     """

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hwnas.errors import ProfileError
+from hwnas.fileio import display_path
 
 BACKENDS = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "torch-cuda-graph", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -107,10 +108,7 @@ class DeviceProfile:
 
 def _display(path: Path) -> str:
     """A path relative to the working directory where it lies below it: short, and what the user typed."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
+    return display_path(path)
 
 
 def _fail(where: str, name: str, message: str) -> ProfileError:
