@@ -54,6 +54,7 @@ class DemoRequest:
     val_images: int = 1000
     margin: float = 0.0
     measure_top: int = 5
+    drift: bool = True  # re-time a committed table's calibration subnets and scale its predictions to this run
     seed: int = 0
     out: Path = Path("results/demo")
     progress: bool = True
@@ -102,7 +103,7 @@ def run_demo(request: DemoRequest, *, log: Log = print, warn: Log = print) -> De
     log(f"[1/5] latency table ({profile.name}: {profile.description})")
     guard = QuietGuard(policy="warn", max_wait_s=20.0, log=lambda line: warn(line.strip().removeprefix("warning: ")))
     table, committed = table_for_device(space, profile, out, progress=request.progress, log=log, guard=guard)
-    if committed:  # the fingerprint matched, but a shared machine's speed wanders: check it as it runs now
+    if committed and request.drift:  # the fingerprint matched, but a shared machine's speed wanders: check it now
         table = apply_drift(table, check_drift(table, guard=guard), correct=True, log=log, warn=warn,
                             label="  drift: ")
 

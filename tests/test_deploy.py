@@ -117,26 +117,28 @@ def _synthetic_table(space, path: Path, scale: float, slug: str) -> Path:  # noq
     return table.save(path)
 
 
-def test_family_search_then_export_all(tmp_path: Path) -> None:
+def test_family_search_then_export_all(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Two tables (devices) x two budgets: four archs from one supernet, each exported and verified."""
     space = load_supernet(SHIPPED)[0].space
     tables = [_synthetic_table(space, tmp_path / f"dev{i}.csv", scale=1.0 + i, slug=f"dev{i}") for i in range(2)]
     low, high = LatencyTable.load(tables[0]).latency_range(space)
     budgets = [f"{low + (high - low) * f:.4g}" for f in (0.3, 0.6)]
     out = tmp_path / "family"
-    proc = _cli("search", "--supernet", str(SHIPPED), "--table", *map(str, tables), "--budget-ms", *budgets,
-                "--queries", "6", "--val-batches", "1", "--bn-batches", "1", "--out", str(out), "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    from hwnas.cli import main  # in this process: the same code as the command, without a second torch import
+
+    assert main(["search", "--supernet", str(SHIPPED), "--table", *map(str, tables), "--budget-ms", *budgets,
+                 "--queries", "6", "--val-batches", "1", "--bn-batches", "1", "--out", str(out), "--quiet"]) == 0
     family = json.loads((out / "family.json").read_text())
     assert len(family) == 4 and {r["device_slug"] for r in family} == {"dev0", "dev1"}
     for row in family:
         best = json.loads((out / row["dir"] / "best.json").read_text())
         assert best["predicted_latency_ms"] <= row["budget_ms"]
-    proc = _cli("export", "--supernet", str(SHIPPED), "--arch", str(out), "--test-batches", "1",
-                "--out", str(tmp_path / "exports"))
-    assert proc.returncode == 0, proc.stderr
+    capsys.readouterr()
+    assert main(["export", "--supernet", str(SHIPPED), "--arch", str(out), "--test-batches", "1",
+                 "--out", str(tmp_path / "exports")]) == 0
+    printed = capsys.readouterr().out
     for row in family:
         report = json.loads((tmp_path / "exports" / row["dir"] / "deploy.json").read_text())
         assert report["arch_id"] == row["best_arch_id"] and report["ort_max_abs_diff"] <= 1e-4
         assert report["predicted_ms"] == pytest.approx(row["predicted_latency_ms"], rel=1e-6)
-    assert proc.stdout.count("mbv3-32_") >= 4, "one summary line per exported arch"
+    assert printed.count("mbv3-32_") >= 4, "one summary line per exported arch"

@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add("--measure-top", type=int, default=5, metavar="K",
         help="time the K most accurate in-budget candidates here and keep the best one timed within the budget "
              "(0: trust the table; default: %(default)s)")
+    add("--drift", choices=("correct", "off"), default="correct",
+        help="a committed table: re-time a few of its calibration subnets and scale its predictions by how much "
+             "faster or slower this machine runs now (correct), or trust it as profiled (off) (default: %(default)s)")
     add("--seed", type=int, default=0, help="(default: %(default)s)")
     add("--out", type=Path, default=Path("results/demo"), help="where everything goes (default: %(default)s)")
     add("--quiet", action="store_true", help="no progress bars")
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     outcome = run_demo(DemoRequest(
         budget_ms=args.budget_ms, supernet=args.supernet, train_minutes=args.train_minutes, data=args.data,
         profile=args.profile, queries=args.queries, val_images=args.val_images, margin=args.margin,
-        measure_top=args.measure_top, seed=args.seed, out=args.out, progress=not args.quiet),
+        measure_top=args.measure_top, drift=args.drift == "correct", seed=args.seed, out=args.out,
+        progress=not args.quiet),
         log=print, warn=lambda message: print(f"hwnas demo: warning: {message}", file=sys.stderr))
     report, search = outcome.report, outcome.search
     print()
