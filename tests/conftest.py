@@ -34,3 +34,25 @@ def this_cpu_tables(tmp_path_factory: pytest.TempPathFactory) -> Path:
     else:
         profile_space(space, profile, root, rounds=1, progress=False)
     return root
+
+
+class CliResult:
+    """What one `hwnas` command left: its exit code and what it printed."""
+
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.returncode, self.stdout, self.stderr = code, out, err
+
+
+@pytest.fixture()
+def hwnas_cli(capsys: pytest.CaptureFixture):  # noqa: ANN201 - a function returned by a fixture
+    """Run `hwnas ARGS` in this process (the same `main` the console script calls, without a second torch import):
+    an exception that is not an `HwnasError` escapes it, so a traceback a user would see fails the test."""
+    from hwnas.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ def hwnas(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[st
                           timeout=300)
 
 
-def assert_one_clear_line(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+def assert_one_clear_line(proc: Any, *fragments: str) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -46,11 +47,11 @@ def test_export_from_a_fresh_supernet_writes_checked_onnx(tmp_path: Path) -> Non
     assert str(files[0]) in proc.stdout
 
 
-def test_export_reads_an_arch_file_wrapped_as_best_json(tmp_path: Path) -> None:
+def test_export_reads_an_arch_file_wrapped_as_best_json(tmp_path: Path, hwnas_cli) -> None:
     arch = spaces.get("mbv3-32").smallest()
     best = tmp_path / "best.json"
     best.write_text(json.dumps({"arch": arch.to_dict(), "predicted_ms": 1.0}))
-    proc = hwnas("export", "--space", "mbv3-32", "--arch", str(best), "--out", str(tmp_path / "out"))
+    proc = hwnas_cli("export", "--space", "mbv3-32", "--arch", str(best), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
 
 
@@ -64,25 +65,25 @@ def test_export_reads_an_arch_file_wrapped_as_best_json(tmp_path: Path) -> None:
         ({"expands": [3] * 7 + [5]}, ("expands[7] = 5", "[3, 4, 6]")),
     ],
 )
-def test_bad_arch_is_one_clear_line(tmp_path: Path, mutation: dict, fragments: tuple[str, ...]) -> None:
+def test_bad_arch_is_one_clear_line(tmp_path: Path, mutation: dict, fragments: tuple[str, ...], hwnas_cli) -> None:
     data = spaces.get("mbv3-32").smallest().to_dict() | mutation
-    proc = hwnas("export", "--space", "mbv3-32", "--arch", json.dumps(data), "--out", str(tmp_path))
+    proc = hwnas_cli("export", "--space", "mbv3-32", "--arch", json.dumps(data), "--out", str(tmp_path))
     assert_one_clear_line(proc, *fragments)
 
 
-def test_missing_arch_file_is_one_clear_line(tmp_path: Path) -> None:
-    proc = hwnas("export", "--space", "mbv3-32", "--arch", str(tmp_path / "nope.json"))
+def test_missing_arch_file_is_one_clear_line(tmp_path: Path, hwnas_cli) -> None:
+    proc = hwnas_cli("export", "--space", "mbv3-32", "--arch", str(tmp_path / "nope.json"))
     assert_one_clear_line(proc, "nope.json")
 
 
-def test_unknown_space_is_one_clear_line() -> None:
+def test_unknown_space_is_one_clear_line(hwnas_cli) -> None:
     arch = Arch("mbv3-32", 28, (2, 2, 2, 2), (3,) * 8, (3,) * 8)
-    proc = hwnas("export", "--space", "no-such-space", "--arch", arch.to_json())
+    proc = hwnas_cli("export", "--space", "no-such-space", "--arch", arch.to_json())
     assert_one_clear_line(proc, "no-such-space", "mbv3-32")
 
 
-def test_missing_dataset_directory_is_one_clear_line(tmp_path: Path) -> None:
+def test_missing_dataset_directory_is_one_clear_line(tmp_path: Path, hwnas_cli) -> None:
     missing = tmp_path / "no-such-dir"
-    proc = hwnas("train", "--space", "mbv3-32", "--data", f"fashion-mnist:{missing}", "--epochs", "1",
+    proc = hwnas_cli("train", "--space", "mbv3-32", "--data", f"fashion-mnist:{missing}", "--epochs", "1",
                  "--out", str(tmp_path / "run"))
     assert_one_clear_line(proc, str(missing))
