@@ -20,6 +20,15 @@ machine (each exported arch is timed once per case; modes that pick the same arc
   the measured latency still compared with the budget itself.
 
     python benchmarks/budget_compliance.py --out benchmarks/results/budget_compliance
+
+int8 (`--profile cpu-onnxruntime-int8`, or `--table` of an int8 table): the search runs under the
+int8 table, each pick is exported with `precision="int8"` (the fp32 file statically quantized with
+`exporters.onnx_int8.DEFAULT_SETTINGS`, calibrated on training images) and the int8 file is what is
+timed against the budget; the drift check and the measured pick time quantized subnets, as the
+profiler does. Accuracy is counted on one test batch only (it is not what this measures).
+
+    python benchmarks/budget_compliance.py --profile cpu-onnxruntime-int8 \
+        --out benchmarks/results/budget_compliance_int8
 """
 
 from __future__ import annotations
@@ -41,7 +50,10 @@ GUARDED = "margin+drift+measured"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", type=Path, default=None,
-                        help="latency table (default: this machine's committed cpu-onnxruntime table, else profile)")
+                        help="latency table (default: this machine's committed table for --profile, else profile)")
+    parser.add_argument("--profile", default="cpu-onnxruntime",
+                        help="without --table: the profile whose table to use (default: %(default)s; "
+                             "cpu-onnxruntime-int8 for int8 exports)")
     parser.add_argument("--supernet", type=Path, default=None, help="default: the shipped Fashion-MNIST supernet")
     parser.add_argument("--quantiles", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -58,6 +70,7 @@ def main() -> None:
     from hwnas.data import load_dataset
     from hwnas.demo import shipped_supernet
     from hwnas.deploy import deploy
+    from hwnas.evaluation import EvalSettings
     from hwnas.latency.catalog import table_for_device
     from hwnas.latency.drift import check_drift, corrected
     from hwnas.latency.ondevice import subnet_timer
@@ -73,11 +86,17 @@ def main() -> None:
         table = LatencyTable.load(args.table)
         profile = table.profile
     else:
-        profile = load_profile("cpu-onnxruntime")
+        profile = load_profile(args.profile)
         table, _ = table_for_device(space, profile, args.out, progress=False)
+    if profile is None:
+        raise SystemExit(f"budget_compliance: {args.table} records no profile to time the exports with")
+    int8 = profile.precision == "int8"
     supernet, _ = load_supernet(args.supernet or shipped_supernet(), space_name=space.name)
     dataset = load_dataset("fashion-mnist", val_size=5000, seed=0)
     evaluator = SupernetEvaluator(supernet, dataset.val, dataset.train, max_batches=1, bn_batches=2, device="cpu")
+    # int8 exports are calibrated on training images, so they need the data (BN re-estimated as the evaluator does)
+    int8_kwargs: dict[str, Any] = dict(dataset=dataset, settings=EvalSettings(bn_batches=2, val_batches=1),
+                                       test_batches=1, precision="int8") if int8 else {}
 
     rng = np.random.default_rng(12345)
     sampled = table.predict_many([space.sample(rng) for _ in range(2000)])
@@ -105,7 +124,7 @@ def main() -> None:
                 if arch.arch_id not in reports:
                     reports[arch.arch_id] = deploy(supernet, arch, args.out / f"{budget:g}ms-seed{seed}-{mode}",
                                                    profile=profile, table=model, budget_ms=budget,
-                                                   log=lambda *_: None)
+                                                   log=lambda *_: None, **int8_kwargs)
                 report = reports[arch.arch_id]
                 rounds_median = float(np.median(report.measured_rounds_ms))
                 rows.append({"mode": mode, "budget_ms": budget, "seed": seed, "arch_id": arch.arch_id,
@@ -128,6 +147,7 @@ def main() -> None:
         "cases": int(len(frame) // 4), "measure_top": args.measure_top, "margin": args.margin,
         "drift_range": [float(frame["drift"].min()), float(frame["drift"].max())],
         "device": table.device_slug, "profile": (table.profile_dict or {}).get("name"), "table": str(table.path),
+        "precision": profile.precision,
         "commit": commit, "host": platform.node(), "date": time.strftime("%Y-%m-%d"),
         "wall_s": round(time.perf_counter() - started, 1), "modes": {},
     }

@@ -12,7 +12,9 @@ import sys
 
 from hwnas.errors import HwnasError
 
-COMMANDS = ("demo", "profile", "latency", "train", "search", "export")
+COMMANDS = ("demo", "profile", "latency", "train", "search", "export", "import")
+# a command whose module has another name: `import` is a Python keyword
+MODULES = {"import": "imports"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"hwnas.commands.{name}")
+            module = importlib.import_module(f"hwnas.commands.{MODULES.get(name, name)}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"hwnas.commands.{name}":
+            if exc.name != f"hwnas.commands.{MODULES.get(name, name)}":
                 raise
             continue
         module.add_parser(sub)

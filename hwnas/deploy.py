@@ -7,6 +7,11 @@ seed) and its validation accuracy is recomputed: a mismatch with the search's fi
 once. The exported file is then timed the way the profiler times (the profile's runtime, threads,
 warm-up and repeats) and set beside the table's prediction and the budget, because a table is a
 model of the device and only a measurement of the artifact says whether it meets the budget.
+
+An int8 export (`precision="int8"`) ships the fp32 file statically quantized by ONNX Runtime
+(`exporters.onnx_int8`), calibrated on training images of the re-estimated model, and reports
+both sides of the trade: test accuracy in ONNX Runtime and latency on the same profile for the
+fp32 file and the int8 one.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +29,9 @@ from hwnas.evaluation import DEFAULT_SETTINGS, EvalSettings, accuracy, recalibra
 from hwnas.space import Arch
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from exporters.onnx_int8 import Int8Export, Int8Settings
     from hwnas.data import Dataset, Split
     from hwnas.latency.profiles import DeviceProfile
     from hwnas.latency.quiet import QuietGuard
@@ -31,6 +39,8 @@ if TYPE_CHECKING:
     from hwnas.supernet import Supernet
 
 REPORT_NAME = "deploy.json"
+PRECISIONS = ("fp32", "int8")  # of the ONNX file that ships; TensorRT engines have their own (`tensorrt`)
+INT8_CHECK_IMAGES = 256  # validation images the int8 model's top-1 agreement with fp32 is measured on
 
 
 @dataclass
@@ -61,7 +71,26 @@ class DeployReport:
     drift_when_over: float | None = None  # over budget: the table's calibration subnets, re-timed now / then
     engine_path: str | None = None
     engine_settings: str | None = None
+    precision: str = "fp32"  # the ONNX file that ships: `onnx_path` (fp32), or `int8_onnx_path` quantized from it
+    int8_onnx_path: str | None = None
+    quantization: dict[str, Any] | None = None  # the int8 settings and calibration images (also in its metadata)
+    int8_agreement: float | None = None  # top-1 agreement of int8 with fp32 on validation images (fraction)
+    test_accuracy_int8: float | None = None  # ONNX Runtime, the int8 file, the same test images
+    fp32_measured_ms: float | None = None  # int8 exports: the fp32 file timed on the same profile
+    fp32_measured_rounds_ms: list[float] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def shipped_path(self) -> str:
+        """The ONNX file to deploy: the int8 one for an int8 export."""
+        return self.int8_onnx_path or self.onnx_path
+
+    @property
+    def speedup(self) -> float | None:
+        """int8 exports: fp32's measured latency over int8's (> 1: int8 is quicker)."""
+        if self.fp32_measured_ms is None or not self.measured_ms:
+            return None
+        return self.fp32_measured_ms / self.measured_ms
 
     @property
     def over_budget(self) -> bool:
@@ -83,6 +112,43 @@ def ort_accuracy(onnx_path: str | Path, split: Split, resolution: int, *, batch_
         correct += int((logits.argmax(1) == y.numpy()).sum())
         total += int(y.numel())
     return 100.0 * correct / max(total, 1)
+
+
+def int8_calibration(train: Split, resolution: int, settings: Int8Settings, *, seed: int = 0
+                     ) -> Iterator[np.ndarray]:
+    """The training images an int8 export is calibrated on: seeded and not augmented, as BN is re-estimated
+    (with the same seed, the same images come first), at the arch's resolution."""
+    from exporters.onnx_int8 import calibration_batches_needed
+
+    return (x.numpy() for x, _ in train.batches(settings.calibration_batch, resolution=resolution, shuffle=True,
+                                                 seed=seed, max_batches=calibration_batches_needed(settings)))
+
+
+def check_profile_precision(profile: DeviceProfile | None, precision: str) -> None:
+    """An ONNX Runtime profile times the file that ships, so its precision must be the export's; refused up front."""
+    if profile is None or profile.backend != "onnxruntime-cpu" or profile.precision == precision:
+        return
+    hint = "cpu-onnxruntime-int8" if precision == "int8" else "cpu-onnxruntime"
+    raise HwnasError(f"profile '{profile.name}' times {profile.precision} ONNX models, this export ships "
+                     f"{precision}: give --profile {hint} (or another {precision} profile)")
+
+
+def _quantize(export_path: Path, out: Path, arch: Arch, dataset: Dataset, settings: EvalSettings,
+              int8: Int8Settings | None, log: Any) -> Int8Export:
+    """The fp32 file quantized, calibrated on training images, checked against fp32 on validation images."""
+    from exporters.onnx_int8 import DEFAULT_SETTINGS as INT8_DEFAULTS
+    from exporters.onnx_int8 import quantize_onnx
+
+    chosen = (int8 or INT8_DEFAULTS).check()
+    check = next(iter(dataset.val.batches(INT8_CHECK_IMAGES, resolution=arch.resolution)))[0].numpy()
+    images = int8_calibration(dataset.train, arch.resolution, chosen, seed=settings.seed)
+    result = quantize_onnx(export_path, out, images, chosen, check_inputs=check,
+                           metadata={"calibration_split": "train", "calibration_seed": str(settings.seed),
+                                     "calibration_dataset": dataset.spec or dataset.name})
+    log(f"  int8: {result.path} ({chosen.describe(result.calibration_images)} of the training split; "
+        f"onnx.checker passed; {result.qdq_nodes} Q/DQ nodes; "
+        f"top-1 agreement with fp32 {100 * (result.agreement or 0):.1f} % on {len(check)} validation images)")
+    return result
 
 
 def _drift_now(table: LatencyTable | None, profile: DeviceProfile) -> float | None:
@@ -115,17 +181,26 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
            table: LatencyTable | None = None, budget_ms: float | None = None, search_accuracy: float | None = None,
            tensorrt: str | None = None, opset: int = 17, test_batches: int | None = None,
            metadata: Mapping[str, str] | None = None, simplify: bool = True, log: Any = print,
-           guard: QuietGuard | None = None) -> DeployReport:
+           guard: QuietGuard | None = None, precision: str = "fp32", int8: Int8Settings | None = None
+           ) -> DeployReport:
     """Export `arch` from `supernet` to OUT_DIR and verify it; returns its `DeployReport` (and OUT_DIR/deploy.json).
 
     With `dataset`, BN is re-estimated as the search did and the accuracy is measured on the
     validation split (to compare with `search_accuracy`) and on the test split in torch and in
     ONNX Runtime; without it the subnet keeps the supernet's BN statistics (a pipeline check).
     `profile` times the exported artifact; `table` predicts its latency; `tensorrt` ("fp16" or
-    "int8") also builds an engine, int8 calibrated on training images.
+    "int8") also builds an engine, int8 calibrated on training images. `precision="int8"` also
+    writes the ONNX file statically quantized with `int8` (default: `exporters.onnx_int8`'s measured
+    choice), calibrated on training images; it is what `profile` (an int8 ONNX Runtime profile) times,
+    beside the fp32 file on the same profile.
     """
     from exporters.onnx import export_onnx, set_metadata
 
+    if precision not in PRECISIONS:
+        raise HwnasError(f"ONNX precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and dataset is None:
+        raise HwnasError("an int8 ONNX file is calibrated on training images: give the dataset (--data), not 'none'")
+    check_profile_precision(profile, precision)
     space = supernet.space
     space.validate(arch)
     out_dir = Path(out_dir)
@@ -177,6 +252,18 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
         if test_acc is not None and abs(ort_acc - test_acc) > 0.1:
             warnings.append(f"ONNX Runtime's test accuracy {ort_acc:.2f} % differs from torch's {test_acc:.2f} %")
 
+    int8_export = None
+    int8_acc = None
+    if precision == "int8" and dataset is not None:
+        int8_export = _quantize(export.path, out_dir / f"{space.name}_{arch.arch_id}.int8.onnx", arch, dataset,
+                                settings, int8, log)
+        int8_acc = ort_accuracy(int8_export.path, dataset.test, arch.resolution, batch_size=settings.batch_size,
+                                max_batches=test_batches)
+        set_metadata(int8_export.path, {"test_accuracy_ort": f"{int8_acc:.6g}",
+                                        "test_accuracy_ort_fp32": f"{ort_acc:.6g}"})
+        log(f"  accuracy (ONNX Runtime, test): int8 {int8_acc:.2f} %, fp32 {ort_acc:.2f} % "
+            f"({int8_acc - (ort_acc or 0):+.2f} points)")
+
     engine_path = settings_path = None
     if tensorrt is not None:
         from exporters.tensorrt import build_engine
@@ -200,7 +287,13 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
         table=str(table.path) if table is not None and table.path else None,
         table_drift=table.drift_factor if table is not None and table.drifted else None,
         engine_path=str(engine_path) if engine_path else None,
-        engine_settings=str(settings_path) if settings_path else None)
+        engine_settings=str(settings_path) if settings_path else None, precision=precision)
+    if int8_export is not None:
+        report.int8_onnx_path, report.int8_agreement = str(int8_export.path), int8_export.agreement
+        report.test_accuracy_int8 = int8_acc
+        report.quantization = {**int8_export.settings.to_dict(), "calibration_images": int8_export.calibration_images,
+                               "calibration_split": "train", "calibration_seed": settings.seed,
+                               "graph": int8_export.settings.graph_settings(), "qdq_nodes": int8_export.qdq_nodes}
 
     if profile is not None:
         from hwnas.latency.artifact import measure_artifact
@@ -209,7 +302,8 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
             from hwnas.latency.quiet import QuietGuard
 
             guard = QuietGuard(policy="warn", max_wait_s=20.0, log=log)
-        timing, artifact, per_round = measure_artifact(profile, module, export.path, shape,
+        shipped = int8_export.path if int8_export is not None else export.path
+        timing, artifact, per_round = measure_artifact(profile, module, shipped, shape,
                                                        Path(engine_path) if engine_path else None, guard=guard)
         if guard is not None:
             warnings.extend(guard.warnings)
@@ -218,10 +312,18 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
         report.measured_ms = timing.value(profile.statistic)
         report.measured_p10_ms, report.measured_p90_ms = timing.p10_ms, timing.p90_ms
         report.measured_rounds_ms = per_round
-        set_metadata(export.path, {"measured_latency_ms": f"{report.measured_ms:.6g}", "profile": profile.name})
+        set_metadata(shipped, {"measured_latency_ms": f"{report.measured_ms:.6g}", "profile": profile.name})
         line = f"  latency on {profile.name}: measured {report.measured_ms:.4g} ms ({profile.statistic} of the " \
                f"quietest of {len(per_round)} rounds, p10-p90 {timing.p10_ms:.4g}-{timing.p90_ms:.4g}; rounds " \
                f"{min(per_round):.4g}-{max(per_round):.4g})"
+        if int8_export is not None:
+            # The fp32 file on the same profile's settings: the other side of the trade (timed after, not
+            # interleaved; benchmarks/int8.py interleaves them).
+            fp32_timing, _, fp32_rounds = measure_artifact(profile, module, export.path, shape, guard=guard)
+            report.fp32_measured_ms = fp32_timing.value(profile.statistic)
+            report.fp32_measured_rounds_ms = fp32_rounds
+            set_metadata(shipped, {"fp32_measured_latency_ms": f"{report.fp32_measured_ms:.6g}"})
+            line += f"; the fp32 file {report.fp32_measured_ms:.4g} ms ({report.speedup:.2f}x int8's)"
         if predicted is not None:
             line += f", predicted {predicted:.4g} ms"
         if budget_ms is not None:
@@ -244,16 +346,28 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
 
 
 def summary_table(reports: list[DeployReport]) -> str:
-    """One line per exported arch: budget, predicted, measured, accuracy, file."""
+    """One line per exported arch: budget, predicted, measured, accuracy, file.
+
+    With an int8 export among them, the trade-off too: the fp32 file's latency on the same profile,
+    the speed-up, and the int8 file's test accuracy beside fp32's ("test acc ORT"); "measured" and
+    "file" are then those of the file that ships.
+    """
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    head = f"{'arch':<12} {'budget ms':>9} {'predicted':>9} {'measured':>9} {'meas/budget':>11} " \
-           f"{'test acc torch':>14} {'test acc ORT':>12}  file"
+    int8 = any(r.precision == "int8" for r in reports)
+    head = f"{'arch':<12} {'budget ms':>9} {'predicted':>9} {'measured':>9} " \
+           + (f"{'fp32 ms':>9} {'speed-up':>8} " if int8 else "") \
+           + f"{'meas/budget':>11} {'test acc torch':>14} {'test acc ORT':>12}" \
+           + (f" {'test acc int8':>13}" if int8 else "") + "  file"
     lines = [head, "-" * len(head)]
     for r in reports:
         ratio = r.measured_ms / r.budget_ms if r.measured_ms is not None and r.budget_ms else None
+        trade = f"{fmt(r.fp32_measured_ms, '9.4g')} {fmt(r.speedup, '7.2f')}{'x' if r.speedup else ' '} " \
+            if int8 else ""
+        acc8 = f" {fmt(r.test_accuracy_int8, '12.2f')}%" if int8 else ""
         lines.append(f"{r.arch_id:<12} {fmt(r.budget_ms, '9.4g')} {fmt(r.predicted_ms, '9.4g')} "
-                     f"{fmt(r.measured_ms, '9.4g')} {fmt(ratio, '11.3f')} {fmt(r.test_accuracy_torch, '13.2f')}% "
-                     f"{fmt(r.test_accuracy_ort, '11.2f')}%  {r.onnx_path}")
+                     f"{fmt(r.measured_ms, '9.4g')} {trade}{fmt(ratio, '11.3f')} "
+                     f"{fmt(r.test_accuracy_torch, '13.2f')}% {fmt(r.test_accuracy_ort, '11.2f')}%{acc8}  "
+                     f"{r.shipped_path}")
     return "\n".join(lines)

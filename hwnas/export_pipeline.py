@@ -22,6 +22,7 @@ from hwnas.runrecord import BEST_NAME, FAMILY_NAME, RunRecord, read_family
 from hwnas.space import Arch
 
 if TYPE_CHECKING:
+    from exporters.onnx_int8 import Int8Settings
     from hwnas.data import Dataset
     from hwnas.deploy import DeployReport
     from hwnas.latency.profiles import DeviceProfile
@@ -30,7 +31,9 @@ if TYPE_CHECKING:
 
 Log = Callable[[str], None]
 FORMATS = ("onnx", "tensorrt")
-PRECISIONS = ("fp16", "int8")
+# Per format: the precisions it ships, the first the default. ONNX: the fp32 file, or int8 (static QDQ
+# quantization of it, exporters.onnx_int8). TensorRT: the engine's precision (the ONNX beside it is fp32).
+PRECISIONS: dict[str, tuple[str, ...]] = {"onnx": ("fp32", "int8"), "tensorrt": ("fp16", "fp32", "int8")}
 
 
 def _stderr_warning(message: str) -> None:
@@ -46,13 +49,18 @@ class ExportRequest:
     from a freshly initialised supernet of that space (a pipeline check). `data` None means the
     dataset the checkpoint was trained on, "none" no data (no BN re-estimation, no accuracy).
     `profile` times the exported artifact; `table` and `budget_ms` default to the search's.
+    `precision` None is the format's default (ONNX fp32, TensorRT fp16); ONNX int8 is calibrated
+    with `calibration` (a method) on `calibration_images` training images, by default the measured
+    choice of `exporters.onnx_int8`.
     """
 
     arch: str
     supernet: Path | None = None
     space: str | None = None
     format: str = "onnx"
-    precision: str = "fp16"
+    precision: str | None = None
+    calibration: str | None = None
+    calibration_images: int | None = None
     opset: int = 17
     simplify: bool = True
     profile: str | Path | None = None
@@ -66,9 +74,34 @@ class ExportRequest:
     def check(self) -> ExportRequest:
         if self.format not in FORMATS:
             raise HwnasError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.precision not in PRECISIONS:
-            raise HwnasError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        allowed = PRECISIONS[self.format]
+        if self.precision is None:
+            self.precision = allowed[0]
+        if self.precision not in allowed:
+            other = [f for f in FORMATS if self.precision in PRECISIONS[f]]
+            hint = f" ({self.precision} is for --format {other[0]})" if other else ""
+            raise HwnasError(f"--format {self.format} ships --precision {', '.join(allowed)}, not "
+                             f"{self.precision!r}{hint}")
+        if (self.calibration is not None or self.calibration_images is not None) and not self.onnx_int8:
+            raise HwnasError("--calibration and --calibration-images calibrate an int8 ONNX file: "
+                             "give --precision int8 with --format onnx (TensorRT calibrates its own)")
+        self.int8_settings()  # a bad method or count is refused before any work
+        if self.onnx_int8 and self.data == "none":
+            raise HwnasError("an int8 ONNX file is calibrated on training images: give the dataset (--data), "
+                             "not 'none'")
         return self
+
+    @property
+    def onnx_int8(self) -> bool:
+        return self.format == "onnx" and self.precision == "int8"
+
+    def int8_settings(self) -> Int8Settings | None:
+        """The quantization settings of an int8 ONNX export (None for any other)."""
+        if not self.onnx_int8:
+            return None
+        from exporters.onnx_int8 import DEFAULT_SETTINGS
+
+        return DEFAULT_SETTINGS.with_calibration(self.calibration, self.calibration_images)
 
 
 @dataclass
@@ -104,7 +137,7 @@ def _read_record(path: Path) -> RunRecord:
 
 def run_export(request: ExportRequest, *, log: Log = print, warn: Log = _stderr_warning) -> list[DeployReport]:
     """Export every arch `request.arch` names into `request.out` (one folder per family member); their reports."""
-    from hwnas.deploy import deploy
+    from hwnas.deploy import check_profile_precision, deploy
 
     request.check()
     jobs = export_jobs(request.arch)
@@ -120,14 +153,17 @@ def run_export(request: ExportRequest, *, log: Log = print, warn: Log = _stderr_
     searched = jobs[0].record.supernet
     if supernet_path is None and request.space is None and searched:
         supernet_path = Path(searched)  # the checkpoint the search scored its archs on
-    supernet, source, state = _supernet(supernet_path, request.space, first.space)
-    space = supernet.space
-    dataset = _dataset(request.data, state, jobs[0].record, space)
     profile = None
-    if request.profile is not None:
+    if request.profile is not None:  # a profile for the other precision is refused before any loading
         from hwnas.latency.profiles import load_profile
 
         profile = load_profile(request.profile)
+        check_profile_precision(profile, "int8" if request.onnx_int8 else "fp32")
+    supernet, source, state = _supernet(supernet_path, request.space, first.space)
+    space = supernet.space
+    dataset = _dataset(request.data, state, jobs[0].record, space)
+    if request.onnx_int8 and dataset is None:
+        raise HwnasError("an int8 ONNX file is calibrated on training images: give the dataset (--data), not 'none'")
     reports = []
     for job in jobs:
         record = job.record
@@ -142,7 +178,8 @@ def run_export(request: ExportRequest, *, log: Log = print, warn: Log = _stderr_
             supernet, arch, out, dataset=dataset, settings=record.eval_settings, profile=profile, table=table,
             budget_ms=float(budget) if budget is not None else None, search_accuracy=record.accuracy,
             tensorrt=request.precision if request.format == "tensorrt" else None, opset=request.opset,
-            simplify=request.simplify, test_batches=request.test_batches, metadata={"source": source}, log=log))
+            simplify=request.simplify, test_batches=request.test_batches, metadata={"source": source}, log=log,
+            precision="int8" if request.onnx_int8 else "fp32", int8=request.int8_settings()))
     return reports
 
 

@@ -35,10 +35,11 @@ class GeneCodec:
     def __init__(self, space: SearchSpace) -> None:
         self.space = space
         self.stages, self.depth = space.num_stages, space.max_depth
-        self.res_choices = tuple(space.resolution_choices)
-        self.depth_choices = tuple(space.depth_choices)
-        self.kernel_choices = tuple(space.kernel_choices)
-        self.expand_choices = tuple(space.expand_choices)
+        # normalised as `Arch` normalises them, so decoded archs (`Arch.of_choices`) equal archs built by hand
+        self.res_choices = tuple(int(v) for v in space.resolution_choices)
+        self.depth_choices = tuple(int(v) for v in space.depth_choices)
+        self.kernel_choices = tuple(int(v) for v in space.kernel_choices)
+        self.expand_choices = tuple(float(e) if float(e) % 1 else int(e) for e in space.expand_choices)
         slots = self.stages * self.depth
         self.k0, self.e0 = 1 + self.stages, 1 + self.stages + slots
         self.width = 1 + self.stages + 2 * slots
@@ -67,19 +68,32 @@ class GeneCodec:
         return rng.integers(0, self.cardinality, size=(n, self.width))
 
     def decode(self, genes: np.ndarray) -> list[Arch]:
+        genes = np.asarray(genes)
+        if len(genes) == 0:
+            return []
         name, depth = self.space.name, self.depth
-        rc, dc, kc, ec = self.res_choices, self.depth_choices, self.kernel_choices, self.expand_choices
+        # choices looked up column-wise as Python objects (an object array keeps 3 an int and 2.5 a float, so
+        # decoded archs keep the JSON form, and the id, of archs built by hand)
+        res = self._values(self.res_choices, genes[:, 0])
+        dep = self._values(self.depth_choices, genes[:, 1:self.k0])
+        ker = self._values(self.kernel_choices, genes[:, self.k0:self.e0])
+        exp = self._values(self.expand_choices, genes[:, self.e0:])
+        starts = [s * depth for s in range(self.stages)]
         out = []
-        for row in genes.tolist():
-            depths = [dc[i] for i in row[1:self.k0]]
+        for r, depths, ks, es in zip(res, dep, ker, exp, strict=True):
             kernels: list[int] = []
             expands: list[float] = []
-            for s, d in enumerate(depths):
-                start = s * depth
-                kernels.extend(kc[i] for i in row[self.k0 + start:self.k0 + start + d])
-                expands.extend(ec[i] for i in row[self.e0 + start:self.e0 + start + d])
-            out.append(Arch(name, rc[row[0]], tuple(depths), tuple(kernels), tuple(expands)))
+            for start, d in zip(starts, depths, strict=True):
+                kernels += ks[start:start + d]
+                expands += es[start:start + d]
+            out.append(Arch.of_choices(name, r, tuple(depths), tuple(kernels), tuple(expands)))
         return out
+
+    @staticmethod
+    def _values(choices: tuple[Any, ...], index: np.ndarray) -> list[Any]:
+        table = np.empty(len(choices), dtype=object)
+        table[:] = list(choices)
+        return table[index].tolist()
 
     def mutate(self, genes: np.ndarray, rng: np.random.Generator, prob: float) -> np.ndarray:
         hit = rng.random(genes.shape) < prob

@@ -372,3 +372,33 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
     ds = load_dataset(f"imagefolder:{tmp_path / 'c'}?size=8", val_size=0.25)
     with pytest.raises(DataError, match=f"{broken}: cannot decode image"):
         list(ds.test.batches(2))
+
+
+def test_imagefolder_crop_is_imagenets_eval_transform_at_every_resolution(tmp_path: Path) -> None:
+    """`?crop=0.875`: torchvision's Resize(ceil(r / 0.875)) + CenterCrop(r) + ImageNet normalisation, as Once-for-All
+    evaluates, done at the resolution each batch is asked for (not resized from `size`)."""
+    from torchvision import transforms
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i, shape in enumerate([(300, 260), (250, 330)]):  # landscape and portrait
+                pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
+    ds = load_dataset(f"imagefolder:{tmp_path}?crop=0.875", val_size=1)
+    assert ds.mean == (0.485, 0.456, 0.406) and ds.std == (0.229, 0.224, 0.225)
+    for r in (224, 160, 176):
+        expected_tf = transforms.Compose([transforms.Resize(int(np.ceil(r / 0.875))), transforms.CenterCrop(r),
+                                          transforms.ToTensor(), transforms.Normalize(ds.mean, ds.std)])
+        x, _ = next(ds.test.batches(4, resolution=r))
+        expected = torch.stack([expected_tf(Image.open(p).convert("RGB")) for p in ds.test.paths])
+        assert x.shape == (4, 3, r, r)
+        assert float((x - expected).abs().max()) < 1e-5
+    # crop=1 (the default): the whole shorter side; another view than 0.875's
+    whole, _ = next(load_dataset(f"imagefolder:{tmp_path}", val_size=1).test.batches(4, resolution=160))
+    cropped, _ = next(ds.test.batches(4, resolution=160))
+    assert float((whole - cropped).abs().max()) > 0.1
+    for bad in ("0", "1.5", "x"):
+        with pytest.raises(DataError, match="crop must be a fraction in"):
+            load_dataset(f"imagefolder:{tmp_path}?crop={bad}")

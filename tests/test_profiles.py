@@ -97,7 +97,7 @@ BAD_FIELDS = [
     ("warmup", "-1", r"field 'warmup': must be an integer >= 0, got -1"),
     ("backend", '"tflite"', r"field 'backend': must be one of onnxruntime-cpu, .*got 'tflite'"),
     ("precision", '"bf16"', r"field 'precision': must be one of fp32, fp16, int8, got 'bf16'"),
-    ("precision", '"fp16"', r"field 'precision': backend onnxruntime-cpu supports fp32, got 'fp16'"),
+    ("precision", '"fp16"', r"field 'precision': backend onnxruntime-cpu supports fp32, int8, got 'fp16'"),
     ("statistic", '"p99"', r"field 'statistic': must be one of median, mean, min, got 'p99'"),
     ("device", '"cuda"', r"field 'device': backend onnxruntime-cpu runs on 'cpu', got 'cuda'"),
     ("channels_last", "true", r"field 'channels_last': only the torch backends use it"),

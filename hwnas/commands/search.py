@@ -19,6 +19,8 @@ EXAMPLE = """examples:
   hwnas search --supernet S.pt --table OTHER_DEVICE.csv --budget-ms 4 --seed-from results/evo-2.5ms
   hwnas search --supernet S.pt --table CPU.csv GPU.csv --budget-ms 1 2 4 --out results/family  # a deploy family
   hwnas search ... --out results/evo-2.5ms --resume        # after a kill: replays what was evaluated, continues
+  hwnas search --space hwnas.examples.cell_space:space --evaluator hwnas.examples.cell_space:evaluator \
+      --latency hwnas.examples.cell_space:latency --budget-ms 3 --out results/cell   # a space of your own
 
 Accuracy is measured on the validation split (carved from the training set with seed 0, as
 'hwnas train' carves it) after BN re-estimation on training batches; the test split is not touched.
@@ -46,9 +48,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("--supernet", type=Path, required=True, help="supernet checkpoint (hwnas train's OUT/supernet.pt)")
-    add("--table", type=Path, required=True, nargs="+",
-        help="latency table CSV (its .meta.json beside it); several (devices) search one arch per table and budget")
+    add("--supernet", type=Path, default=None,
+        help="supernet checkpoint (hwnas train's OUT/supernet.pt): scores the archs (or --evaluator)")
+    add("--table", type=Path, nargs="+", default=[],
+        help="latency table CSV (its .meta.json beside it); several (devices) search one arch per table and budget "
+             "(or --latency)")
+    add("--space", default=None,
+        help="the space: a preset or package.module:factory of your own (default: the supernet's); see "
+             "hwnas/examples/cell_space.py for what a space provides")
+    add("--evaluator", default=None, metavar="MODULE:FACTORY",
+        help="score archs with your own evaluator (called with the space; .evaluate(arch) -> accuracy) instead of a "
+             "supernet")
+    add("--latency", default=None, metavar="MODULE:FACTORY",
+        help="predict latency with your own model (called with the space; .predict(arch) -> ms) instead of a table")
     add("--budget-ms", type=float, required=True, nargs="+",
         help="latency budget in milliseconds (hard); several search one arch per budget")
     add("--strategy", default="evolution", help=f"{STRATEGY_HELP} (default: %(default)s)")
@@ -101,6 +113,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="on the table's own device: re-time a few of its calibration subnets first and warn when the device "
              "runs more than 5 %% faster or slower than when the table was measured (warn), or also scale the "
              "predictions by that factor (correct); see 'hwnas latency drift' (default: %(default)s)")
+    add("--time-limit", type=float, default=None, metavar="SECONDS",
+        help="stop each search at its next generation once this many seconds are spent (default: no limit)")
+    add("--patience", type=int, default=None, metavar="GENERATIONS",
+        help="evolution / nsga: stop once this many generations found no better arch within the budget "
+             "(default: run every query)")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     add("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -111,7 +128,9 @@ def request_from_args(args: argparse.Namespace) -> SearchRequest:
     from hwnas.search.pipeline import SearchRequest
 
     return SearchRequest(
-        supernet=args.supernet, tables=args.table, budgets_ms=args.budget_ms, strategy=args.strategy,
+        supernet=args.supernet, tables=args.table, budgets_ms=args.budget_ms, space=args.space,
+        evaluator=args.evaluator, latency=args.latency, time_limit=args.time_limit, patience=args.patience,
+        strategy=args.strategy,
         queries=args.queries, population=args.population, steps=args.steps, reward=args.reward,
         finetune=args.finetune, data=args.data, val_size=args.val_size, val_batches=args.val_batches,
         batch_size=args.batch_size, bn_batches=args.bn_batches, bn_batch_size=args.bn_batch_size,

@@ -1,7 +1,7 @@
 """Datasets by name: the file formats hwnas reads, and the validation split carved from training.
 
 `load_dataset("fashion-mnist")` reads Debian's files; `fashion-mnist:DIR`, `cifar10:DIR` and
-`imagefolder:DIR[?size=N]` read a directory. Every reader checks what it reads and names the file
+`imagefolder:DIR[?size=N&crop=F]` read a directory. Every reader checks what it reads and names the file
 and what is wrong with it in a `DataError`. The validation split is carved from the training set
 with a seed, so a search can rank subnets without ever touching the test split.
 """
@@ -47,7 +47,7 @@ def dataset_names() -> list[str]:
 
 
 def load_dataset(spec: str = "fashion-mnist", *, val_size: int | float = 5000, seed: int = 0) -> Dataset:
-    """Load a dataset by spec: `fashion-mnist`, `fashion-mnist:DIR`, `cifar10:DIR`, `imagefolder:DIR[?size=N]`.
+    """Load a dataset by spec: `fashion-mnist`, `fashion-mnist:DIR`, `cifar10:DIR`, `imagefolder:DIR[?size=N&crop=F]`.
 
     `val_size` images of the training set (an int: a count; a float: a fraction) become the
     validation split, drawn at random with `seed`; the rest is the training split. The same seed
@@ -233,20 +233,29 @@ def _load_cifar10(arg: str, val_size: int | float, seed: int) -> Dataset:
 
 
 # ---- imagefolder -------------------------------------------------------------------------------------------
-def _parse_options(arg: str) -> tuple[str, int]:
+def _parse_options(arg: str) -> tuple[str, int, float]:
     path, _, query = arg.partition("?")
-    size = IMAGEFOLDER_DEFAULT_SIZE
+    size, crop = IMAGEFOLDER_DEFAULT_SIZE, 1.0
     for item in filter(None, query.split("&")):
         key, _, value = item.partition("=")
-        if key != "size":
-            raise DataError(f"imagefolder:{arg}: unknown option '{key}' (known: size)")
-        try:
-            size = int(value)
-        except ValueError:
-            size = 0
-        if size < 1:
-            raise DataError(f"imagefolder:{arg}: size must be a positive integer, got '{value}'")
-    return path, size
+        if key == "size":
+            try:
+                size = int(value)
+            except ValueError:
+                size = 0
+            if size < 1:
+                raise DataError(f"imagefolder:{arg}: size must be a positive integer, got '{value}'")
+        elif key == "crop":
+            try:
+                crop = float(value)
+            except ValueError:
+                crop = 0.0
+            if not 0.0 < crop <= 1.0:
+                raise DataError(f"imagefolder:{arg}: crop must be a fraction in (0, 1] (ImageNet's is 0.875), "
+                                f"got '{value}'")
+        else:
+            raise DataError(f"imagefolder:{arg}: unknown option '{key}' (known: size, crop)")
+    return path, size, crop
 
 
 def _scan(root: Path, classes: Sequence[str] | None) -> tuple[list[str], list[Path], list[int]]:
@@ -276,9 +285,11 @@ def _load_imagefolder(arg: str, val_size: int | float, seed: int) -> Dataset:
     """DIR/train/<class>/* and a test split from DIR/test (or DIR/val when there is no DIR/test).
 
     Images are decoded as RGB, resized on the shorter side and centre-cropped to `?size=N`
-    (default 224), and normalised with ImageNet's statistics.
+    (default 224), or, with `?crop=F`, resized to size / F and the centre kept (`crop=0.875`:
+    ImageNet's 256 -> 224, at every resolution a batch is asked for), and normalised with
+    ImageNet's statistics.
     """
-    path, size = _parse_options(arg)
+    path, size, crop = _parse_options(arg)
     expected = "DIR/train/<class>/*.jpg|png and DIR/val/<class>/... or DIR/test/<class>/..."
     directory = _directory(path, "imagefolder", expected)
     if not (directory / "train").is_dir():
@@ -286,7 +297,7 @@ def _load_imagefolder(arg: str, val_size: int | float, seed: int) -> Dataset:
     classes, paths, labels = _scan(directory / "train", None)
 
     def split(ps: list[Path], ls: list[int]) -> ImageFolderSplit:
-        return ImageFolderSplit(ps, torch.tensor(ls, dtype=torch.int64), size=size)
+        return ImageFolderSplit(ps, torch.tensor(ls, dtype=torch.int64), size=size, crop=crop)
 
     held_out = [directory / d for d in ("val", "test") if (directory / d).is_dir()]
     if not held_out:

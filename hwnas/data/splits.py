@@ -181,35 +181,61 @@ class TensorSplit(Split):
 class ImageFolderSplit(Split):
     """A split read from image files on demand, each resized (shorter side) and centre-cropped to `size`.
 
+    With `crop` < 1 the shorter side is resized to ceil(size / crop) first and the centre `size` x
+    `size` kept: ImageNet's evaluation transform (`crop=0.875`: 256 then 224, as torchvision's
+    `Resize` + `CenterCrop` and Once-for-All do it). Batches at another resolution are decoded at
+    that resolution, not resized from `size`, so every arch sees the transform at its own size.
     Decoding runs on a few threads (Pillow releases the GIL while decoding and resizing), one batch
     ahead of the consumer. A file that cannot be decoded raises `DataError` when its batch is made.
     """
 
     def __init__(self, paths: Sequence[Path], labels: torch.Tensor, *, size: int,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, crop: float = 1.0) -> None:
         if len(paths) != labels.shape[0]:
             raise ValueError(f"{len(paths)} paths, {labels.shape[0]} labels")
+        if not 0.0 < crop <= 1.0:
+            raise ValueError(f"crop must be in (0, 1], got {crop}")
         super().__init__(labels, native_resolution=size, mean=mean, std=std)
         self.paths = list(paths)
         self.size = int(size)
+        self.crop = float(crop)
         self.workers = workers or min(8, os.cpu_count() or 1)
 
     def select(self, index: torch.Tensor | Sequence[int]) -> ImageFolderSplit:
         index = torch.as_tensor(index, dtype=torch.int64)
         return ImageFolderSplit([self.paths[i] for i in index.tolist()], self.labels[index], size=self.size,
-                                mean=self.mean, std=self.std, workers=self.workers)
+                                mean=self.mean, std=self.std, workers=self.workers, crop=self.crop)
+
+    def at(self, size: int) -> ImageFolderSplit:
+        """The same images decoded at `size`."""
+        return ImageFolderSplit(self.paths, self.labels, size=size, mean=self.mean, std=self.std,
+                                workers=self.workers, crop=self.crop)
+
+    def batches(self, batch_size: int, *, resolution: int | None = None, shuffle: bool = False, seed: int = 0,
+                augment: bool = False, drop_last: bool = False, device: str | torch.device = "cpu",
+                max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        split = self if resolution is None or int(resolution) == self.size else self.at(int(resolution))
+        return Split.batches(split, batch_size, resolution=resolution, shuffle=shuffle, seed=seed, augment=augment,
+                             drop_last=drop_last, device=device, max_batches=max_batches)
 
     def read(self, i: int) -> np.ndarray:
         """Image `i` as uint8 (size, size, 3); the same transform for training and evaluation."""
         from PIL import Image, ImageOps, UnidentifiedImageError
 
-        path = self.paths[i]
+        path, size = self.paths[i], self.size
+        side = size if self.crop >= 1.0 else math.ceil(size / self.crop)
         try:
             with Image.open(path) as image:
-                image.draft("RGB", (self.size, self.size))  # JPEG: let the decoder downscale
-                fitted = ImageOps.fit(image.convert("RGB"), (self.size, self.size), Image.Resampling.BILINEAR)
-                return np.asarray(fitted, dtype=np.uint8)
+                image.draft("RGB", (side, side))  # JPEG: let the decoder downscale
+                rgb = image.convert("RGB")
+                if self.crop >= 1.0:
+                    return np.asarray(ImageOps.fit(rgb, (size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+                w, h = rgb.size  # torchvision's Resize(side) on the shorter side, then CenterCrop(size)
+                new_w, new_h = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+                resized = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
+                left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+                return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             raise DataError(f"{path}: cannot decode image ({exc})") from None
 

@@ -148,6 +148,12 @@ class OnnxRuntimeCpuBackend:
     sequential execution, every graph optimisation. Export and session are made once per module
     and input shape and kept while the module lives (the profiler times each block in several
     rounds); a module whose structure changes in place must be timed after `clear()`.
+
+    An int8 profile quantizes each exported module as `hwnas export --precision int8` quantizes a
+    subnet (`exporters.onnx_int8.DEFAULT_SETTINGS`: static QDQ, the same types, per-channel and
+    reduce_range), so the session runs the same fused integer kernels. Calibration decides only the
+    scales, never the graph or the kernels, so a few random batches calibrate a block (MinMax: no
+    histograms to build).
     """
 
     name = "onnxruntime-cpu"
@@ -173,6 +179,8 @@ class OnnxRuntimeCpuBackend:
             with tempfile.TemporaryDirectory(prefix="hwnas-ort-") as tmp:
                 path = _export_module()(module, Path(tmp) / "module.onnx", shape,
                                         batch_size=self.profile.batch_size, dynamic_batch=False)
+                if self.profile.precision == "int8":
+                    path = _quantized(path, self.profile.batch_size, shape)
                 # The session holds the model in memory: the file can go with the directory.
                 per_module[shape] = ort_session(path, threads=self.profile.threads,
                                                 providers=["CPUExecutionProvider"])
@@ -199,6 +207,20 @@ class OnnxRuntimeCpuBackend:
 
     def clear(self) -> None:
         self._sessions.clear()
+
+
+INT8_CALIBRATION_BATCHES = 4
+
+
+def _quantized(path: Path, batch: int, shape: tuple[int, int, int]) -> Path:
+    """`path` quantized beside itself with the exporter's int8 settings, calibrated on a few random batches."""
+    from exporters.onnx_int8 import DEFAULT_SETTINGS, quantize_onnx
+
+    images = INT8_CALIBRATION_BATCHES * batch
+    settings = DEFAULT_SETTINGS.with_calibration("minmax", images)
+    rng = np.random.default_rng(SEED)
+    batches = [rng.standard_normal((batch, *shape)).astype(np.float32) for _ in range(INT8_CALIBRATION_BATCHES)]
+    return quantize_onnx(path, path.with_suffix(".int8.onnx"), batches, settings).path
 
 
 def _export_module() -> Callable[..., Path]:

@@ -78,9 +78,15 @@ def runtime_settings(profile: DeviceProfile, libraries: Mapping[str, str]) -> di
     change here changes every number of a table, so all of it is identity.
     """
     if profile.backend == "onnxruntime-cpu":
-        return {"library": "onnxruntime", "version": libraries.get("onnxruntime"), "intra_op_threads": profile.threads,
-                "inter_op_threads": 1, "execution_mode": "sequential", "graph_optimization": "all",
-                "provider": "CPUExecutionProvider"}
+        ort_settings: dict[str, Any] = {
+            "library": "onnxruntime", "version": libraries.get("onnxruntime"), "intra_op_threads": profile.threads,
+            "inter_op_threads": 1, "execution_mode": "sequential", "graph_optimization": "all",
+            "provider": "CPUExecutionProvider"}
+        if profile.precision == "int8":  # what decides the quantized kernels (fp32 tables keep their settings)
+            from exporters.onnx_int8 import DEFAULT_SETTINGS
+
+            ort_settings["quantization"] = DEFAULT_SETTINGS.graph_settings()
+        return ort_settings
     if profile.backend == "tensorrt":
         return {"library": "tensorrt", "version": libraries.get("tensorrt"), "precision": profile.precision}
     settings: dict[str, Any] = {"library": "torch", "version": libraries.get("torch"),

@@ -235,6 +235,8 @@ class LatencyTable:
         column = self.statistic_column if self.statistic_column in self._rows.columns else "median_ms"
         self._values: dict[str, float] = dict(zip(self._rows["key"], self._rows[column].astype(float), strict=True))
         self._slot_cache: dict[int, SlotKeys] = {}
+        # per resolution: (stem + first cost, head cost, cost by slot), filled as `predict_many` meets them
+        self._cost_cache: dict[int, tuple[float, float, dict[Slot, float]]] = {}
         self._depth_set = set(self.meta["space"].get("depth_choices", ()))
         coeffs = self.meta.get("calibration", identity_calibration())["coefficients"]
         factor = self.drift_factor
@@ -311,20 +313,39 @@ class LatencyTable:
         """Calibrated latency of the whole subnet, in milliseconds."""
         return self._features(self.block_keys(arch))[1]
 
+    def _key_cost(self, key: str) -> float:
+        kind = key.split("_", 1)[0]
+        return self._scale[kind] * self._value(key) + self._per_block[kind]
+
     def predict_many(self, archs: Iterable[Arch]) -> np.ndarray:
-        """Calibrated latencies of many archs: per-block costs are computed once and looked up."""
-        cost: dict[str, float] = {}
+        """Calibrated latencies of many archs, equal to `predict` of each: every block's cost is computed once
+        (until the calibration or drift changes) and then looked up by its slot and choices (a search prices
+        tens of thousands of archs)."""
+        per_resolution = self._cost_cache
         out = []
         intercept = self._intercept
         for arch in archs:
-            total = intercept
-            for key in self.block_keys(arch):
-                c = cost.get(key)
-                if c is None:
-                    kind = key.split("_", 1)[0]
-                    c = cost[key] = self._scale[kind] * self._value(key) + self._per_block[kind]
-                total += c
-            out.append(total)
+            (stem, first, head), slots = self._slot_keys(arch)
+            entry = per_resolution.get(arch.resolution)
+            if entry is None:
+                entry = per_resolution[arch.resolution] = (self._key_cost(stem) + self._key_cost(first),
+                                                           self._key_cost(head), {})
+            total, head_cost, costs = entry  # summed in `predict`'s order, so the two agree to the last bit
+            kernels, expands = arch.kernels, arch.expands
+            start = 0
+            for stage, depth in enumerate(arch.depths):
+                for index in range(depth):
+                    slot = (stage, index, kernels[start + index], expands[start + index])
+                    c = costs.get(slot)
+                    if c is None:
+                        key = slots.get(slot)
+                        if key is None:
+                            self.space.validate(arch)  # raises, naming the kernel or expand that is not a choice
+                            raise ArchError(f"arch {arch.arch_id} has no block {slot} in space '{self.space.name}'")
+                        c = costs[slot] = self._key_cost(key)
+                    total += c
+                start += depth
+            out.append(total + head_cost + intercept)
         return np.asarray(out, dtype=np.float64)
 
     def raw_features(self, arch: Arch) -> np.ndarray:

@@ -71,6 +71,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -84,7 +85,7 @@ from torch import nn
 from hwnas.errors import HwnasError
 from hwnas.search.budget import check_budget
 from hwnas.search.derive import Repair
-from hwnas.search.distribution import DTYPE, ArchDistribution, ExpectedLatency
+from hwnas.search.distribution import DTYPE, ArchDistribution, ExpectedLatency, distribution_for
 from hwnas.search.protocols import (
     AccuracyEvaluator,
     LatencyModel,
@@ -94,6 +95,7 @@ from hwnas.search.protocols import (
     predict_latencies,
 )
 from hwnas.search.result import SearchResult, build_result
+from hwnas.search.state import walk_down
 
 REWARDS = ("evaluator", "batch")
 
@@ -161,6 +163,45 @@ class _SupernetRewards:
         return self.evaluator.with_supernet(self.net.eval())
 
 
+# ---- the derived arch ------------------------------------------------------------------------------------------
+def _derive(space: Any, dist: Any, expectation: ExpectedLatency, model: LatencyModel, argmax: np.ndarray,
+            budget: float, band: float, rng: np.random.Generator, evaluated_within: list[Any],
+            cache: dict[Any, float]) -> tuple[Any, list[str]]:
+    """The arch the distribution stands for, within the budget; never a failure.
+
+    An `hwnas.SearchSpace`: its argmax repaired into the band by choice steps (`hwnas.search.derive`).
+    Another space's genes have no order to step along: the most probable of the argmax and 512
+    fresh samples that the model prices within the budget. Where neither finds one (a model that
+    only predicts, an argmax far over a tight budget), the most accurate arch evaluated within the
+    budget, else the fastest a walk down from the smallest arch finds.
+    """
+    if isinstance(dist, ArchDistribution):
+        # slot sums and predict may differ in the last bit: repair to a hair under the budget when pricing by slots
+        limit = budget * (1 - 1e-9) if expectation.is_exact else budget
+        repaired, _, moves = Repair(dist, expectation, limit, band * budget / limit)(argmax)
+        arch = dist.decode(repaired)[0]
+        if float(model.predict(arch)) <= budget:
+            return arch, moves
+    else:
+        rows = np.concatenate([argmax[None, :], dist.sample(512, rng)])
+        with torch.no_grad():
+            logp = dist.log_prob(rows).numpy()
+        prices = expectation.price(rows)
+        ok = np.flatnonzero(prices <= budget)
+        if len(ok):
+            j = int(ok[np.argmax(logp[ok])])
+            arch = dist.decode(rows[j:j + 1])[0]
+            if float(model.predict(arch)) <= budget:
+                return arch, ["argmax" if j == 0 else "most probable sample within the budget"]
+        moves = ["no sample within the budget"]
+    if evaluated_within:
+        return max(evaluated_within, key=lambda a: cache[a]), [*moves, "the most accurate evaluated arch in budget"]
+    arch, lat = walk_down(space, model, budget, rng, 200)
+    if lat > budget:
+        raise HwnasError(f"found no arch of space '{space.name}' within {budget:.4g} ms (fastest found {lat:.4g} ms)")
+    return arch, [*moves, "the fastest arch a walk down found"]
+
+
 # ---- the searcher ------------------------------------------------------------------------------------------------
 def differentiable_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, latency_model: LatencyModel,
                           budget_ms: float, *, queries: int = 1000, steps: int | None = None,
@@ -168,7 +209,8 @@ def differentiable_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, 
                           baseline_decay: float = 0.9, reward: str | None = None, finetune: bool = False,
                           batch_size: int = 128, weight_lr: float = 0.005, band: float = 0.97,
                           mc_samples: int = 64, seed: int = 0, seed_population: Iterable[Any] | None = None,
-                          progress: bool = False, costs: bool = True) -> SearchResult:
+                          progress: bool = False, costs: bool = True,
+                          time_limit_s: float | None = None) -> SearchResult:
     """Learn a distribution over the archs of `space` under `budget_ms`; return its repaired argmax.
 
     `queries` bounds the distinct archs `evaluator` scores (one is kept for the derived arch);
@@ -194,7 +236,7 @@ def differentiable_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, 
         raise HwnasError(f"band must lie in [0, 1], got {band}")
     if steps is not None and steps < 0:
         raise HwnasError(f"steps must be >= 0, got {steps}")
-    dist = ArchDistribution(space)
+    dist = distribution_for(space)
     feasible = check_budget(space, latency_model, budget_ms, seed=seed)
     budget = float(budget_ms)
     expectation = ExpectedLatency(space, latency_model, mc_samples=mc_samples)
@@ -222,7 +264,11 @@ def differentiable_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, 
         bar = tqdm(total=steps, desc="search differentiable", unit="step", file=sys.stderr, dynamic_ncols=True)
     stop = f"{steps} steps done"
     reserve = 1  # a query kept for the derived arch
+    deadline = None if time_limit_s is None else time.monotonic() + float(time_limit_s)
     for step in range(steps):
+        if deadline is not None and time.monotonic() > deadline:
+            stop = "time limit reached"
+            break
         genes = dist.sample(samples_per_step, rng)
         sampled = dist.decode(genes)
         if rewards is not None:
@@ -278,13 +324,9 @@ def differentiable_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, 
 
     derived_genes = dist.argmax()
     argmax_lat = float(expectation.price(derived_genes)[0])
-    # slot sums and predict may differ in the last bit: repair to a hair under the budget when pricing by slots
-    limit = budget * (1 - 1e-9) if expectation.is_exact else budget
-    repaired, _, moves = Repair(dist, expectation, limit, band * budget / limit)(derived_genes)
-    derived = dist.decode(repaired)[0]
+    derived, moves = _derive(space, dist, expectation, latency_model, derived_genes, budget, band, rng,
+                             [a for a, lat in zip(archs, lat_of, strict=True) if lat <= budget], cache)
     final_lat = float(latency_model.predict(derived))
-    if final_lat > budget:
-        raise HwnasError(f"could not repair the derived arch to within {budget:.4g} ms (at {final_lat:.4g} ms)")
     final_eval = rewards.final_evaluator() if rewards is not None else evaluator
     if derived not in cache:
         derived_acc = float(evaluate_accuracies(final_eval, [derived])[0])
@@ -295,13 +337,13 @@ def differentiable_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, 
         generation.append(len(history))
     best = derived
     if rewards is None:
-        # every sampled arch was scored by the same evaluator: one in the band that beat the derived arch wins
-        in_band = [i for i, lat in enumerate(lat_of) if band * budget <= lat <= budget]
-        sampled_best = max(in_band, key=lambda i: acc_of[i], default=None)
+        # every sampled arch was scored by the same evaluator: the most accurate one within the budget wins
+        within = [i for i, lat in enumerate(lat_of) if lat <= budget]
+        sampled_best = max(within, key=lambda i: acc_of[i], default=None)
         if sampled_best is not None and acc_of[sampled_best] > cache[derived]:
             best = archs[sampled_best]
     info: dict[str, Any] = {
-        "picked": "derived" if best == derived else "sampled (more accurate than the derived arch, in the band)",
+        "picked": "derived" if best == derived else "sampled (more accurate than the derived arch, within the budget)",
         "derived_arch": derived.to_json(), "derived_accuracy": cache[derived],
         "feasible_range_ms": [feasible.low_ms, feasible.high_ms], "range_exact": feasible.exact,
         "latency_expectation": "exact" if expectation.is_exact else f"monte-carlo ({mc_samples} samples per step)",
@@ -311,6 +353,7 @@ def differentiable_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, 
         "argmax_arch": dist.decode(derived_genes)[0].to_json(), "repair": moves,
         "band_ms": [band * budget, budget], "seeded": seeded,
         "in_band": band * budget <= float(latency_model.predict(best)) <= budget,
+        "derived_in_band": band * budget <= final_lat <= budget,
     }
     if rewards is not None and finetune:
         info["supernet_evaluations"] = getattr(final_eval, "evaluations", None)

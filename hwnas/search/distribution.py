@@ -22,13 +22,85 @@ from hwnas.search.protocols import LatencyModel, gene_codec_of, predict_latencie
 DTYPE = torch.float64
 
 
-def mbconv_codec(space: Any) -> GeneCodec:
-    """The space's `hwnas.genes.GeneCodec`: the distribution is laid out on its resolution / depth / slot genes."""
+def codec_of(space: Any) -> Any:
+    """The space's gene codec: the genes the differentiable search learns a distribution over."""
     codec = gene_codec_of(space)
-    if not isinstance(codec, GeneCodec):
-        raise HwnasError(f"the differentiable strategy needs an hwnas.SearchSpace (its choices are what it learns a "
-                         f"distribution over); space '{space.name}' is a {type(space).__name__}")
+    if codec is None:
+        raise HwnasError(f"the differentiable strategy needs a space with a gene codec (gene_codec(): its genes are "
+                         f"what it learns a distribution over, see hwnas/examples/cell_space.py); space "
+                         f"'{space.name}' is a {type(space).__name__} without one")
     return codec
+
+
+def distribution_for(space: Any) -> ArchDistribution | CategoricalDistribution:
+    """The layout-aware distribution of an `hwnas.SearchSpace` (latent slots, exact expected latency), else one
+    independent categorical per gene of the space's codec."""
+    codec = codec_of(space)
+    return ArchDistribution(space) if isinstance(codec, GeneCodec) else CategoricalDistribution(codec)
+
+
+class CategoricalDistribution:
+    """Independent categoricals (torch logits), one per column of any space's gene codec.
+
+    A column of cardinality c draws from its first c logits; the rest are masked out. A codec that
+    offers `active(rows)` (which columns change the network) has `log_prob` count those only, as
+    `ArchDistribution` does for latent slots; otherwise every column counts.
+    """
+
+    def __init__(self, codec: Any) -> None:
+        self.codec = codec
+        self.card = np.asarray(codec.cardinality, dtype=np.int64)
+        width, most = len(self.card), int(self.card.max())
+        self.valid = torch.as_tensor(np.arange(most)[None, :] < self.card[:, None])
+        self.logits = torch.zeros((width, most), dtype=DTYPE, requires_grad=True)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.logits]
+
+    def _log_probs(self) -> torch.Tensor:
+        return F.log_softmax(self.logits.masked_fill(~self.valid, -1e9), -1)
+
+    def probs(self) -> torch.Tensor:
+        return self._log_probs().exp() * self.valid
+
+    def _active(self, genes: np.ndarray) -> torch.Tensor:
+        active = getattr(self.codec, "active", None)
+        mask = np.asarray(active(genes), dtype=bool) if callable(active) else np.ones(genes.shape, dtype=bool)
+        return torch.as_tensor(mask, dtype=DTYPE)
+
+    def init_from(self, archs: Iterable[Any], weight: float = 1.0) -> int:
+        """Lean the logits toward `archs`: + weight * log(1 + count) per chosen value."""
+        archs = list(archs)
+        if not archs:
+            return 0
+        genes = self.codec.genes(archs, np.random.default_rng(0))
+        with torch.no_grad():
+            for col in range(len(self.card)):
+                counts = np.bincount(genes[:, col], minlength=self.logits.shape[1])
+                self.logits[col] += weight * torch.log1p(torch.as_tensor(counts, dtype=DTYPE))
+        return len(archs)
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        with torch.no_grad():
+            p = self.probs().numpy()
+        return _draw(rng, p, n)
+
+    def argmax(self) -> np.ndarray:
+        with torch.no_grad():
+            return self.logits.masked_fill(~self.valid, -1e9).argmax(-1).numpy().astype(np.int64)
+
+    def log_prob(self, genes: np.ndarray) -> torch.Tensor:
+        g = torch.as_tensor(np.asarray(genes, dtype=np.int64))
+        lp = self._log_probs()
+        picked = lp[torch.arange(lp.shape[0])[None, :], g]
+        return (picked * self._active(np.asarray(genes))).sum(1)
+
+    def entropy(self) -> torch.Tensor:
+        lp = self._log_probs()
+        return -(lp.exp() * lp * self.valid).sum()
+
+    def decode(self, genes: np.ndarray) -> list[Any]:
+        return list(self.codec.decode(np.asarray(genes, dtype=np.int64).reshape(-1, len(self.card))))
 
 
 def _draw(rng: np.random.Generator, probs: np.ndarray, n: int) -> np.ndarray:
@@ -49,7 +121,11 @@ class ArchDistribution:
 
     def __init__(self, space: Any) -> None:
         self.space = space
-        self.codec = codec = mbconv_codec(space)
+        codec = codec_of(space)
+        if not isinstance(codec, GeneCodec):
+            raise HwnasError(f"ArchDistribution is laid out on an hwnas.SearchSpace's genes; space '{space.name}' "
+                             "has another codec (distribution_for chooses the right distribution)")
+        self.codec = codec
         s, m = codec.stages, codec.depth
 
         def zeros(*shape: int) -> torch.Tensor:
@@ -144,7 +220,8 @@ class ArchDistribution:
 
 
 class ExpectedLatency:
-    """E[predicted latency] of an `ArchDistribution`: exact from block costs, else a Monte-Carlo estimate.
+    """E[predicted latency] of a distribution over a space's genes: exact from block costs (an `ArchDistribution`
+    of an `hwnas.SearchSpace` under an additive table), else a Monte-Carlo estimate from predictions.
 
     Exact when the model has `block_cost` (a `LatencyTable`) and every stage has at least one block
     (so a block's input size depends on the resolution and its own position only); then `cost`
@@ -154,9 +231,10 @@ class ExpectedLatency:
 
     def __init__(self, space: Any, model: LatencyModel, *, mc_samples: int = 64, check: int = 8) -> None:
         self.space, self.model, self.mc_samples = space, model, int(mc_samples)
-        self.codec = codec = mbconv_codec(space)
+        self.codec = codec = codec_of(space)
+        self.width = len(np.asarray(codec.cardinality))
         self.slot: SlotLatency | None = None
-        slot = codec.row_pricer(model) if min(codec.depth_choices) >= 1 else None
+        slot = codec.row_pricer(model) if isinstance(codec, GeneCodec) and min(codec.depth_choices) >= 1 else None
         if slot is not None:
             rows = np.concatenate([codec.genes([space.smallest(), space.largest()], np.random.default_rng(0)),
                                    codec.random(check, np.random.default_rng(1))])
@@ -178,7 +256,7 @@ class ExpectedLatency:
     def is_exact(self) -> bool:
         return self.slot is not None
 
-    def exact(self, dist: ArchDistribution) -> torch.Tensor:
+    def exact(self, dist: Any) -> torch.Tensor:
         """The exact expectation in calibrated milliseconds, differentiable in the logits."""
         if self.slot is None:
             raise HwnasError("this latency model has no block costs: its expected latency is only estimated")
@@ -187,7 +265,7 @@ class ExpectedLatency:
         per_slot = torch.einsum("rsmke,smk,sme->rsm", self.cost, pk, pe)
         return self.intercept + pr @ (self.fixed + (per_slot * presence).sum((1, 2)))
 
-    def estimate(self, dist: ArchDistribution, rng: np.random.Generator) -> tuple[float, torch.Tensor]:
+    def estimate(self, dist: Any, rng: np.random.Generator) -> tuple[float, torch.Tensor]:
         """(value, surrogate): the surrogate's gradient is the gradient of E[latency] (exact, or estimated)."""
         if self.slot is not None:
             value = self.exact(dist)
@@ -202,7 +280,7 @@ class ExpectedLatency:
 
     def price(self, genes: np.ndarray) -> np.ndarray:
         """Predicted latency of gene rows: from slot costs when exact, else by the model's own predict."""
-        genes = np.asarray(genes, dtype=np.int64).reshape(-1, self.codec.width)
+        genes = np.asarray(genes, dtype=np.int64).reshape(-1, self.width)
         if self.slot is not None:
             return self.slot(genes)
         return predict_latencies(self.model, self.codec.decode(genes))

@@ -44,7 +44,9 @@ def evolution_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, laten
                      tournament_size: int | None = None, mutation_prob: float = 0.1, crossover_prob: float = 0.5,
                      survivors: str = "best", seed: int = 0, seed_population: Iterable[Any] | None = None,
                      max_tries: int = 50, progress: bool = False, costs: bool = True,
-                     vectorised: bool = True, repair_tries: int = 8) -> SearchResult:
+                     vectorised: bool = True, repair_tries: int = 8, repair_pick: str = "slowest",
+                     time_limit_s: float | None = None,
+                     patience: int | None = None) -> SearchResult:
     """Evolve archs within `budget_ms` for `queries` evaluations; the best within the budget wins.
 
     `queries` counts distinct archs evaluated (an arch is never evaluated twice). The initial
@@ -53,8 +55,12 @@ def evolution_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, laten
     Raises `BudgetError` (with the feasible range) before any evaluation if no arch can meet
     the budget. `vectorised` breeds an `hwnas.SearchSpace`'s children a batch at a time on gene
     rows (`GeneCodec`); False goes through `space.mutate` / `crossover` one child at a time.
-    `repair_tries` mutations of a child over the budget are predicted and the slowest one within
-    it is kept (`Breeder.repair`); 0 discards such children instead.
+    A child over the budget is mended (`Breeder.repair`): of `repair_tries` mutations and as many
+    shrinks toward the smallest arch, the slowest one within the budget (`repair_pick="slowest"`)
+    or one at random ("random"; on benchmarks/search_regret.py's isolated optima it did no
+    better); 0 discards such children instead. The initial population is repaired the same way
+    once random draws rarely fit (a budget near the fastest arch). The search stops early after
+    `time_limit_s` seconds or `patience` generations without a better arch within the budget.
     """
     if population_size < 2:
         raise HwnasError(f"population_size must be >= 2, got {population_size}")
@@ -66,25 +72,38 @@ def evolution_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, laten
     if k < 1:
         raise HwnasError(f"tournament_size must be >= 1, got {k}")
     feasible = check_budget(space, latency_model, budget_ms, seed=seed)
+    if patience is not None and patience < 1:
+        raise HwnasError(f"patience must be >= 1 generation, got {patience}")
     state = SearchState(space, evaluator, latency_model, budget_ms, queries=queries, seed=seed, strategy="evolution",
-                        progress=progress, max_tries=max_tries, costs=costs)
+                        progress=progress, max_tries=max_tries, costs=costs,
+                        time_limit_s=time_limit_s)
     rng = state.rng
     breeder = Breeder(space, rng, mutation_prob=mutation_prob, crossover_prob=crossover_prob, vectorised=vectorised,
-                      repair_tries=repair_tries, latency_model=latency_model, budget_ms=budget_ms)
-    pop, pop_lat, pop_acc = state.initial(population_size, seed_population, feasible_only=True)
+                      repair_tries=repair_tries, latency_model=latency_model, budget_ms=budget_ms,
+                      repair_pick=repair_pick)
+    pop, pop_lat, pop_acc = state.initial(population_size, seed_population, feasible_only=True,
+                                          repair=breeder if repair_tries > 0 else None)
     genes = breeder.genes(pop)
     age = np.zeros(len(pop), dtype=np.int64)
     state.log(0, pop_acc, pop_lat, len(pop))
     stop = "query budget spent"
     generation = 0
     while state.remaining > 0:
+        if state.out_of_time:
+            stop = "time limit reached"
+            break
+        if state.stalled(patience):
+            stop = f"stalled: no better arch within the budget in {patience} generations"
+            break
         generation += 1
         make_batch = breeder.batches(pop, genes, tournament(rng, pop_acc, k), state.seen)
         kids, kid_lat, kid_genes = state.propose(min(population_size, state.remaining), make_batch, feasible_only=True,
-                                                 repair=breeder if repair_tries > 0 else None)
+                                                 repair=breeder if repair_tries > 0 else None,
+                                                 price_rows=breeder.screen)
         if not kids:
             stop = f"no new arch within the budget in {max_tries} tries per child (space exhausted near the budget?)"
             break
+        dry = state.drying_up()
         kid_acc = state.record(kids, kid_lat, generation)
         pop = pop + kids
         pop_lat = np.concatenate([pop_lat, kid_lat])
@@ -100,6 +119,10 @@ def evolution_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, laten
         pop_lat, pop_acc, age = pop_lat[keep], pop_acc[keep], age[keep]
         genes = genes[keep] if genes is not None else None
         state.log(generation, pop_acc, pop_lat, len(kids))
+        if dry:
+            stop = (f"the archs within the budget are all but exhausted: under 1 new arch per {max_tries} proposals "
+                    "for 2 generations")
+            break
     return state.finish(stop, {"feasible_range_ms": [feasible.low_ms, feasible.high_ms],
                                "range_exact": feasible.exact, "population_size": population_size,
                                "tournament_size": k, "survivors": survivors})

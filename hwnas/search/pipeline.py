@@ -50,9 +50,12 @@ class SearchRequest:
     values that cannot work, in one line naming the option.
     """
 
-    supernet: Path
-    tables: Sequence[str | Path | LatencyTable]
     budgets_ms: Sequence[float]
+    supernet: Path | None = None  # a trained supernet scores the archs; or `evaluator`
+    tables: Sequence[str | Path | LatencyTable] = ()  # latency tables predict; or `latency`
+    space: str | None = None  # a preset or package.module:factory; default: the supernet's own
+    evaluator: Any = None  # package.module:factory (called with the space) or an AccuracyEvaluator
+    latency: Any = None  # package.module:factory (called with the space) or a LatencyModel
     strategy: str = "evolution"
     queries: int = 200
     population: int | None = None
@@ -80,6 +83,8 @@ class SearchRequest:
     drift: str = "off"
     device: str = "auto"
     progress: bool = True
+    time_limit: float | None = None  # seconds per search (each stops at its next generation once over)
+    patience: int | None = None  # evolution / nsga: stop after this many generations without a better arch
 
     def check(self) -> SearchRequest:
         """Refuse settings that cannot work, before anything is loaded or evaluated."""
@@ -112,8 +117,26 @@ class SearchRequest:
         if self.finetune and self.resume:
             raise HwnasError("--finetune changes the shared weights as it searches, so a killed run cannot be "
                              "replayed: it takes no --resume (run it again with --force)")
-        if not self.tables or not self.budgets_ms:
-            raise HwnasError("a search needs at least one latency table and one budget")
+        if not self.budgets_ms:
+            raise HwnasError("a search needs at least one budget (--budget-ms)")
+        if (self.supernet is None) == (self.evaluator is None):
+            raise HwnasError("give --supernet CKPT (the archs are scored on it) or --evaluator MODULE:FACTORY "
+                             "(your own), one of the two")
+        if not self.tables and self.latency is None:
+            raise HwnasError("give --table CSV (a latency table) or --latency MODULE:FACTORY (your own latency model)")
+        if self.evaluator is not None and self.space is None:
+            raise HwnasError("--evaluator needs --space (a preset or package.module:factory): there is no supernet "
+                             "to take the space from")
+        if self.latency is not None and (self.drift != "off" or self.measure_top):
+            raise HwnasError("--drift and --measure-top time subnets on the device of a latency table; a latency "
+                             "model of your own (--latency) has no device to time on")
+        if self.evaluator is not None and (self.finetune or self.reward == "batch"):
+            raise HwnasError("--finetune and --reward batch train or score a supernet's weights: they need --supernet")
+        if self.patience is not None and (self.patience < 1 or self.strategy not in ("evolution", "nsga")):
+            raise HwnasError(f"--patience needs evolution or nsga and at least 1 generation, got {self.patience} "
+                             f"with {self.strategy}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise HwnasError(f"--time-limit must be a positive number of seconds, got {self.time_limit}")
         get_strategy(self.strategy)
         return self
 
@@ -137,12 +160,32 @@ def check_margin(margin: float) -> None:
 
 
 @dataclass
+class Target:
+    """A latency model to search under: a latency table (a device and profile), or a user's own model."""
+
+    model: Any  # a LatencyTable, or any LatencyModel
+    label: str  # what best.json records as its "table"
+    device_slug: str
+    profile: str | None
+
+    @property
+    def table(self) -> LatencyTable | None:
+        from hwnas.latency.table import LatencyTable
+
+        return self.model if isinstance(self.model, LatencyTable) else None
+
+    @classmethod
+    def of_table(cls, table: LatencyTable) -> Target:
+        return cls(table, str(table.path), table.device_slug, (table.profile_dict or {}).get("name"))
+
+
+@dataclass
 class SearchOutcome:
     """One (table, budget) search: its result, its run record (best.json) and the files it wrote."""
 
     name: str | None  # the family member's folder under the run directory; None for a single search
     directory: Path
-    table: LatencyTable
+    target: Target
     budget_ms: float
     result: SearchResult
     record: RunRecord
@@ -187,38 +230,39 @@ def run_search(request: SearchRequest, *, log: Log = print, warn: Log = _stderr_
     folder per member and OUT/family.json + family.md for a family) and OUT/search_journal.json.
     Every infeasible (table, budget) pair is refused before any evaluation.
     """
-    from hwnas.checkpoint import load_supernet
     from hwnas.latency.table import LatencyTable
 
     request.check()
-    tables = [t if isinstance(t, LatencyTable) else LatencyTable.load(t) for t in request.tables]
-    supernet, state = load_supernet(request.supernet)
-    space = supernet.space
+    space, evaluator, data_spec = _scorer(request)
+    targets = [Target.of_table(t if isinstance(t, LatencyTable) else LatencyTable.load(t)) for t in request.tables]
+    if request.latency is not None:
+        model = _plugin(request.latency, "latency model", space)
+        targets.append(Target(model, str(request.latency), "custom", None))
     budgets = [float(b) for b in request.budgets_ms]
-    for table in tables:
-        for note in table.check_target(space, allow_mismatch=request.allow_mismatch):
-            warn(f"{table.path}: {note}")
+    for target in targets:
+        if target.table is not None:
+            for note in target.table.check_target(space, allow_mismatch=request.allow_mismatch):
+                warn(f"{target.table.path}: {note}")
     out = request.out_dir()
-    journal = _journal(request, out, tables)
+    journal = _journal(request, out, [t.model for t in targets])
     if request.drift != "off":
-        tables = [_drift_checked(table, request.drift == "correct", journal, log, warn) for table in tables]
-    for table in tables:
+        targets = [Target.of_table(_drift_checked(t.table, request.drift == "correct", journal, log, warn))
+                   if t.table is not None else t for t in targets]
+    for target in targets:
         for budget in budgets:  # every infeasible pair is refused before any evaluation
-            check_budget(space, table, budget * (1 - request.margin), seed=request.seed)
+            check_budget(space, target.model, budget * (1 - request.margin), seed=request.seed)
     seeds = read_seed_population(request.seed_from, space) if request.seed_from is not None else []
-    evaluator, data_spec = _evaluator(request, supernet, state)
     scored = journal.wrap(evaluator)
     if journal.known_at_start:
         log(f"resuming: {journal.known_at_start} evaluations of the interrupted search are replayed from "
             f"{journal.path}")
     outcomes = []
-    for table in tables:
+    for target in targets:
         for budget in budgets:
-            name = f"{table.device_slug}__{(table.profile_dict or {}).get('name', 'table')}__{budget:g}ms" \
-                if request.family else None
+            name = f"{target.device_slug}__{target.profile or 'model'}__{budget:g}ms" if request.family else None
             if name:
                 log(f"== {name}")
-            outcomes.append(_search_one(request, space, table, budget, scored, seeds, out / name if name else out,
+            outcomes.append(_search_one(request, space, target, budget, scored, seeds, out / name if name else out,
                                         data_spec, name, journal, log, warn))
     run = SearchRun(out=out, outcomes=outcomes, evaluations=scored.evaluations, replayed=journal.replayed)
     if request.family:
@@ -226,7 +270,36 @@ def run_search(request: SearchRequest, *, log: Log = print, warn: Log = _stderr_
     return run
 
 
-def _journal(request: SearchRequest, out: Path, tables: list[LatencyTable]) -> EvaluationJournal:
+def _plugin(value: Any, what: str, space: Any) -> Any:
+    """A user's object: given as one, or built by `package.module:factory` called with the space."""
+    if isinstance(value, str):
+        from hwnas.plugins import call
+
+        return call(value, what, space)
+    return value
+
+
+def _scorer(request: SearchRequest) -> tuple[Any, Any, str | None]:
+    """The space, the accuracy evaluator and the dataset's name: a supernet's, or the user's own."""
+    from hwnas import spaces
+
+    if request.evaluator is not None:
+        space = spaces.get_any(str(request.space))
+        return space, _plugin(request.evaluator, "evaluator", space), None
+    from hwnas.checkpoint import load_supernet
+
+    assert request.supernet is not None  # check() saw to it
+    supernet, state = load_supernet(request.supernet)
+    if request.space is not None:
+        named = spaces.get_any(request.space)
+        if named != supernet.space:
+            raise HwnasError(f"--space {request.space} is not the space {request.supernet} was trained on "
+                             f"('{supernet.space.name}'); leave --space out to search the checkpoint's own")
+    evaluator, data_spec = _evaluator(request, supernet, state)
+    return supernet.space, evaluator, data_spec
+
+
+def _journal(request: SearchRequest, out: Path, models: list[Any]) -> EvaluationJournal:
     """The run directory's journal: refused when it holds an earlier search and neither resume nor force says what
     to do with it; continued (replayed) with `resume`; started afresh otherwise."""
     marker = out / (FAMILY_NAME if request.family else BEST_NAME)
@@ -245,9 +318,11 @@ def _journal(request: SearchRequest, out: Path, tables: list[LatencyTable]) -> E
             "bn_batches", "bn_batch_size", "predictor", "predictor_kind", "predictor_queries", "confirm", "seed",
             "margin", "drift")
     identity: dict[str, Any] = {name: getattr(request, name) for name in keep}
-    identity.update(budgets_ms=[float(b) for b in request.budgets_ms],
-                    supernet=f"{Path(request.supernet).name} {file_digest(Path(request.supernet))}",
-                    tables=[table_identity(t) for t in tables],
+    scorer = (f"{Path(request.supernet).name} {file_digest(Path(request.supernet))}" if request.supernet is not None
+              else f"evaluator {request.evaluator!s}")
+    identity.update(budgets_ms=[float(b) for b in request.budgets_ms], supernet=scorer, space=request.space,
+                    tables=[table_identity(m) if hasattr(m, "meta") else {"latency": str(request.latency)}
+                            for m in models],
                     data=request.data if isinstance(request.data, str) or request.data is None else
                     request.data.spec, seed_from=None if request.seed_from is None else str(request.seed_from))
     return EvaluationJournal(journal_path, identity, resume=request.resume)
@@ -301,7 +376,9 @@ def _evaluator(request: SearchRequest, supernet: Any, state: dict[str, Any]) -> 
 
 
 def _strategy_options(request: SearchRequest) -> dict[str, Any]:
-    """The options of the differentiable strategy that a request sets."""
+    """The options of the strategy that a request sets."""
+    if request.strategy in ("evolution", "nsga"):
+        return {} if request.patience is None else {"patience": request.patience}
     if request.strategy != "differentiable":
         return {}
     options: dict[str, Any] = {"finetune": request.finetune}
@@ -312,12 +389,13 @@ def _strategy_options(request: SearchRequest) -> dict[str, Any]:
     return options
 
 
-def _search_one(request: SearchRequest, space: SearchSpace, table: LatencyTable, user_budget: float,
-                evaluator: JournaledEvaluator, seeds: list[Arch], out: Path, data_spec: str, name: str | None,
+def _search_one(request: SearchRequest, space: Any, target: Target, user_budget: float,
+                evaluator: JournaledEvaluator, seeds: list[Arch], out: Path, data_spec: str | None, name: str | None,
                 journal: EvaluationJournal, log: Log, warn: Log) -> SearchOutcome:
     from hwnas.report import write_report
 
     searcher = get_strategy(request.strategy)
+    table = target.model
     budget = user_budget * (1 - request.margin)  # the search aims under the guard band
     feasible = check_budget(space, table, budget, seed=request.seed)
     guard = f" (searched under {budget:.4g} ms: margin {request.margin:g})" if request.margin else ""
@@ -326,18 +404,20 @@ def _search_one(request: SearchRequest, space: SearchSpace, table: LatencyTable,
         log("  (every subnet is within the budget: the search is unconstrained)")
     before = evaluator.evaluations
     context: dict[str, Any] = {
-        "supernet": str(request.supernet), "table": str(table.path), "device_slug": table.device_slug,
-        "dataset": data_spec, "validation_images": evaluator.images, "val_size": request.val_size,
+        "supernet": None if request.supernet is None else str(request.supernet), "table": target.label,
+        "device_slug": target.device_slug, "dataset": data_spec,
+        "validation_images": getattr(evaluator, "images", None), "val_size": request.val_size,
         "val_batches": request.val_batches, "batch_size": request.batch_size, "bn_batches": request.bn_batches,
         "bn_batch_size": request.bn_batch_size, "budget_ms": user_budget,
     }
-    if table.drifted:
-        context["latency_drift"] = table.meta["drift"]
+    if target.table is not None and target.table.drifted:
+        context["latency_drift"] = target.table.meta["drift"]
     if request.margin:
         context.update(margin=request.margin, search_budget_ms=budget)
     if request.seed_from is not None:
         context["seeded_from"] = f"{request.seed_from} ({len(seeds)} archs)"
-    options: dict[str, Any] = {"seed": request.seed, "progress": request.progress, **_strategy_options(request)}
+    options: dict[str, Any] = {"seed": request.seed, "progress": request.progress, "time_limit_s": request.time_limit,
+                               **_strategy_options(request)}
     if request.predictor:
         from hwnas.search.predictor import AccuracyPredictor
 
@@ -366,9 +446,10 @@ def _search_one(request: SearchRequest, space: SearchSpace, table: LatencyTable,
     if journal.known_at_start:
         context["resumed"] = {"journal": str(journal.path), "replayed_evaluations": journal.replayed}
     if request.measure_top and result.best_row is not None:
-        result = _measured(result, table, budget, request.measure_top, log, warn)
+        assert target.table is not None  # check() refuses --measure-top with a model of one's own
+        result = _measured(result, target.table, budget, request.measure_top, log, warn)
         context["measured_pick"] = result.info["measured_pick"]
-    if result.supernet_state is not None:
+    if result.supernet_state is not None and request.supernet is not None:
         context["finetuned_supernet"] = str(_save_finetuned(request.supernet, result, out))
     record = RunRecord.from_result(result, **context)
     files = write_report(result, out, record)
@@ -387,7 +468,7 @@ def _search_one(request: SearchRequest, space: SearchSpace, table: LatencyTable,
     if record.finetuned_supernet is not None:
         log(f"  weights: {record.finetuned_supernet} (fine-tuned: export the best arch with these, "
             f"hwnas export --supernet {record.finetuned_supernet} --arch {files['best.json']})")
-    return SearchOutcome(name=name, directory=out, table=table, budget_ms=user_budget, result=result, record=record,
+    return SearchOutcome(name=name, directory=out, target=target, budget_ms=user_budget, result=result, record=record,
                          files=files)
 
 
@@ -416,14 +497,14 @@ def _save_finetuned(supernet_path: Path, result: SearchResult, out: Path) -> Pat
     return path
 
 
-def _write_family(out: Path, outcomes: list[SearchOutcome], evaluations: int, supernet: Path, log: Log
+def _write_family(out: Path, outcomes: list[SearchOutcome], evaluations: int, supernet: Path | None, log: Log
                   ) -> list[Path]:
     """family.json (what `hwnas export --arch OUT` reads) and family.md, one row per (device, budget)."""
     entries = []
     for o in outcomes:
         r = o.record
-        entries.append(FamilyEntry(dir=str(o.name), table=str(o.table.path), device_slug=o.table.device_slug,
-                                   profile=(o.table.profile_dict or {}).get("name"), budget_ms=o.budget_ms,
+        entries.append(FamilyEntry(dir=str(o.name), table=o.target.label, device_slug=o.target.device_slug,
+                                   profile=o.target.profile, budget_ms=o.budget_ms,
                                    best_arch_id=r.arch_id, predicted_latency_ms=r.predicted_latency_ms,
                                    accuracy=r.accuracy))
     family = write_family(out, entries)

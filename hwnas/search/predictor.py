@@ -12,6 +12,8 @@ costs well under a millisecond of model time.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +98,27 @@ class _Ridge:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return (x - self.mean_x) @ self.coef + self.mean_y
+
+
+# A search scores a generation (about 100 archs) at a time: for matrices that small, OpenBLAS's threads cost more
+# than they share (1-8 ms a call on the 2-vCPU VM with a busy neighbour, 0.2 ms on one thread), so batches up to
+# this many rows run on one.
+ONE_THREAD_ROWS = 4096
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager[Any]:
+    """A context in which numpy's BLAS runs one thread (threadpoolctl; a no-op where it is missing)."""
+    controller = _blas_controller()
+    return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
 
 
 class _MLP:
@@ -204,7 +227,11 @@ class AccuracyPredictor:
             raise HwnasError("the accuracy predictor is not fitted: call fit() first")
         if len(archs) == 0:
             return np.zeros(0)
-        return self.model.predict(self.encoder(archs))
+        x = self.encoder(archs)
+        if len(x) > ONE_THREAD_ROWS:
+            return self.model.predict(x)
+        with _one_blas_thread():
+            return self.model.predict(x)
 
     def evaluate(self, arch: Any) -> float:
         return float(self.evaluate_many([arch])[0])

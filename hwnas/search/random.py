@@ -21,7 +21,7 @@ from hwnas.search.state import SearchState
 def random_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, latency_model: LatencyModel,
                   budget_ms: float, *, queries: int = 1000, batch_size: int = 100, seed: int = 0,
                   seed_population: Iterable[Any] | None = None, max_tries: int = 50,
-                  progress: bool = False, costs: bool = True) -> SearchResult:
+                  progress: bool = False, costs: bool = True, time_limit_s: float | None = None) -> SearchResult:
     """Evaluate up to `queries` distinct random archs within `budget_ms`; the best of them wins.
 
     `seed_population` archs (within the budget) are evaluated first, so a seeded random search
@@ -31,12 +31,16 @@ def random_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, latency_
         raise HwnasError(f"batch_size must be >= 1, got {batch_size}")
     feasible = check_budget(space, latency_model, budget_ms, seed=seed)
     state = SearchState(space, evaluator, latency_model, budget_ms, queries=queries, seed=seed, strategy="random",
-                        progress=progress, max_tries=max_tries, costs=costs)
+                        progress=progress, max_tries=max_tries, costs=costs,
+                        time_limit_s=time_limit_s)
     archs, lat, acc = state.initial(min(batch_size, queries), seed_population, feasible_only=True)
     state.log(0, acc, lat, len(archs))
     stop = "query budget spent"
     generation = 0
     while state.remaining > 0:
+        if state.out_of_time:
+            stop = "time limit reached"
+            break
         generation += 1
         archs, lat, _ = state.propose(min(batch_size, state.remaining),
                                       lambda m: ([space.sample(state.rng) for _ in range(m)], None),

@@ -13,7 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from hwnas.errors import HwnasError
 from hwnas.search.protocols import LatencyModel, SearchSpaceLike, gene_codec_of, predict_latencies
+
+# How a child over the budget is mended: the slowest of its feasible variants (the best archs of most spaces sit
+# just under the budget), or any one of them at random (an optimum well under the budget stays reachable).
+REPAIR_PICKS = ("slowest", "random")
 
 
 class Breeder:
@@ -33,16 +38,20 @@ class Breeder:
 
     def __init__(self, space: SearchSpaceLike, rng: np.random.Generator, *, mutation_prob: float,
                  crossover_prob: float, vectorised: bool = True, remutations: int = 3, repair_tries: int = 8,
-                 latency_model: LatencyModel | None = None, budget_ms: float | None = None) -> None:
+                 latency_model: LatencyModel | None = None, budget_ms: float | None = None,
+                 repair_pick: str = "slowest") -> None:
         self.space, self.rng = space, rng
         self.mutation_prob, self.crossover_prob = mutation_prob, crossover_prob
         self.remutations, self.repair_tries = remutations, repair_tries
+        if repair_pick not in REPAIR_PICKS:
+            raise HwnasError(f"repair_pick must be one of {', '.join(REPAIR_PICKS)}, got {repair_pick!r}")
+        self.repair_pick = repair_pick
         self.codec = gene_codec_of(space) if vectorised else None
         self.budget_ms = budget_ms
         self.screen: Callable[[np.ndarray], np.ndarray] | None = None
         pricer = getattr(self.codec, "row_pricer", None)
         if callable(pricer) and latency_model is not None:
-            self.screen = pricer(latency_model)
+            self.screen = _checked(pricer(latency_model), self.codec, space, latency_model)
 
     def genes(self, archs: Sequence[Any]) -> np.ndarray | None:
         return None if self.codec is None else self.codec.genes(archs, self.rng)
@@ -95,48 +104,90 @@ class Breeder:
 
     def repair(self, archs: Sequence[Any], genes: np.ndarray | None, latency_model: LatencyModel, budget_ms: float,
                known: Sequence[set[Any]] = ()) -> tuple[list[Any], np.ndarray | None, np.ndarray]:
-        """Children over the budget, mended: of `repair_tries` mutations of each, the slowest new one within it.
+        """Children over the budget, mended: of `repair_tries` mutations and as many shrinks of each, one new
+        variant within the budget (the slowest, or one at random: `repair_pick`).
 
         Latency predictions are cheap and accuracy evaluations are not, so an over-budget child is
-        worth a few more mutations rather than a discarded proposal. The slowest feasible variant
-        is kept because accuracy rises with latency in every NAS space: the best archs sit just
-        under the budget. Variants in any of the `known` sets do not count; archs no variant can
-        mend are dropped. Returns the mended archs, their gene rows and their `predict_many` latency.
+        worth a few more variants rather than a discarded proposal. A shrink takes each gene from the
+        space's smallest arch with a probability that grows from variant to variant (the last one is
+        the smallest arch itself), so a child always has a feasible variant however tight the budget:
+        near the fastest subnet, random mutations of a child almost never fit, and rejecting them
+        made such searches many times slower than at a median budget. Variants in any of the `known`
+        sets do not count; archs no variant can mend are dropped. Returns the mended archs, their gene
+        rows and their `predict_many` latency.
         """
         t = self.repair_tries
         if t < 1 or len(archs) == 0:
             return [], None, np.zeros(0)
-        rng, prob = self.rng, self.mutation_prob
+        rng, prob, n = self.rng, self.mutation_prob, len(archs)
+        k = 2 * t  # variants per child: t mutations, then t shrinks
 
         def new(arch: Any) -> bool:
-            return not any(arch in k for k in known)
+            return not any(arch in s for s in known)
 
+        def choose(price: np.ndarray, ok: np.ndarray) -> np.ndarray:
+            """Per child, the variants in the order they are tried: feasible ones first, by `repair_pick`."""
+            key = np.where(ok, price if self.repair_pick == "slowest" else rng.random(price.shape), -np.inf)
+            return np.argsort(-key, axis=1, kind="stable")
+
+        if self.codec is not None and genes is None:
+            genes = self.codec.genes(archs, rng)
         if self.codec is not None and genes is not None:
-            rows = self.codec.mutate(np.repeat(genes, t, axis=0), rng, prob)
+            smallest = self.codec.genes([self.space.smallest()], rng)[0]
+            levels = np.repeat(((np.arange(t) + 1) / t)[None, :], n, axis=0).reshape(-1, 1)
+            shrinks = np.where(rng.random((n * t, genes.shape[1])) < levels, smallest, np.repeat(genes, t, axis=0))
+            mutations = self.codec.mutate(np.repeat(genes, t, axis=0), rng, prob)
+            rows = np.concatenate([mutations.reshape(n, t, -1), shrinks.reshape(n, t, -1)], axis=1).reshape(n * k, -1)
             if self.screen is not None:
-                est = self.screen(rows).reshape(len(genes), t)
-                order = np.argsort(-np.where(est <= budget_ms, est, -np.inf), axis=1)
+                est = self.screen(rows).reshape(n, k)
+                ok = est <= budget_ms
+                order = choose(est, ok)
+                rank = np.zeros(n, dtype=np.int64)
                 picked: dict[Any, int] = {}
-                for i in range(len(genes)):
-                    for j in order[i].tolist():
-                        if est[i, j] > budget_ms:
-                            break
-                        arch = self.codec.decode(rows[i * t + j:i * t + j + 1])[0]
+                pending = np.flatnonzero(ok[np.arange(n), order[:, 0]])
+                while len(pending):  # each child's next feasible variant, the batch decoded at once
+                    rows_at = pending * k + order[pending, rank[pending]]
+                    retry = []
+                    for i, r, arch in zip(pending.tolist(), rows_at.tolist(), self.codec.decode(rows[rows_at]),
+                                          strict=True):
                         if new(arch) and arch not in picked:
-                            picked[arch] = i * t + j
-                            break
+                            picked[arch] = r
+                            continue
+                        rank[i] += 1
+                        if rank[i] < k and ok[i, order[i, rank[i]]]:
+                            retry.append(i)
+                    pending = np.asarray(retry, dtype=np.int64)
                 mended = list(picked)
-                lat = predict_latencies(latency_model, mended)
-                ok = np.flatnonzero(lat <= budget_ms)
-                return [mended[i] for i in ok], rows[[picked[mended[i]] for i in ok]], lat[ok]
+                at = [picked[a] for a in mended]
+                return mended, rows[at], est.reshape(-1)[at]  # priced by the screen, exact for an additive model
             variants = self.codec.decode(rows)
         else:
             rows = None
-            variants = [self.space.mutate(a, rng, prob) for a in archs for _ in range(t)]
+            smallest_arch = self.space.smallest()
+            variants = []
+            for a in archs:
+                variants.extend(self.space.mutate(a, rng, prob) for _ in range(t))
+                shrink = a
+                for _ in range(t):  # each a crossover with the smallest arch: about half the genes more from it
+                    shrink = self.space.crossover(shrink, smallest_arch, rng)
+                    variants.append(shrink)
         lat = predict_latencies(latency_model, variants)
         ok = (lat <= budget_ms) & np.fromiter((new(v) for v in variants), dtype=bool, count=len(variants))
-        score = np.where(ok, lat, -np.inf).reshape(len(archs), t)
-        best = np.argmax(score, axis=1)
-        picks = [i * t + int(best[i]) for i in range(len(archs)) if np.isfinite(score[i, best[i]])]
+        order = choose(lat.reshape(n, k), ok.reshape(n, k))
+        picks = [i * k + int(order[i, 0]) for i in range(n) if ok[i * k + int(order[i, 0])]]
         picks = list({variants[p]: p for p in picks}.values())  # two children may mend to one arch
         return [variants[p] for p in picks], None if rows is None else rows[picks], lat[picks]
+
+
+def _checked(screen: Callable[[np.ndarray], np.ndarray] | None, codec: Any, space: SearchSpaceLike,
+             model: LatencyModel) -> Callable[[np.ndarray], np.ndarray] | None:
+    """`screen` if it prices a few rows (the smallest and largest arch, six at random) as the model predicts them,
+    else None: a model with `block_cost` whose predictions are not their sum is priced by `predict_many` alone."""
+    if screen is None:
+        return None
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([codec.genes([space.smallest(), space.largest()], rng), codec.random(6, rng)])
+    predicted = predict_latencies(model, codec.decode(rows))
+    err = np.abs(screen(rows) - predicted) / np.maximum(np.abs(predicted), 1e-12)
+    return screen if float(err.max()) <= 1e-6 else None
+
