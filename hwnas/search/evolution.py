@@ -89,11 +89,9 @@ def evolution_search(space: SearchSpaceLike, evaluator: AccuracyEvaluator, laten
     stop = "query budget spent"
     generation = 0
     while state.remaining > 0:
-        if state.out_of_time:
-            stop = "time limit reached"
-            break
-        if state.stalled(patience):
-            stop = f"stalled: no better arch within the budget in {patience} generations"
+        early = state.early_stop(patience)
+        if early:
+            stop = early
             break
         generation += 1
         make_batch = breeder.batches(pop, genes, tournament(rng, pop_acc, k), state.seen)

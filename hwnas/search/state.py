@@ -93,6 +93,14 @@ class SearchState:
     def remaining(self) -> int:
         return self.queries - len(self.archs)
 
+    def early_stop(self, patience: int | None) -> str | None:
+        """Why a generational search stops before its next generation (time limit, patience), or None."""
+        if self.out_of_time:
+            return "time limit reached"
+        if self.stalled(patience):
+            return f"stalled: no better arch within the budget in {patience} generations"
+        return None
+
     def stalled(self, patience: int | None) -> bool:
         """No better arch within the budget in the last `patience` generations (None: never stalls)."""
         if patience is None or len(self.history) <= patience:
