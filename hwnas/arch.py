@@ -28,6 +28,17 @@ def read_arch_json(path: str | Path) -> Any:
         raise ArchError(f"{path}: not a JSON arch file ({exc})") from None
 
 
+FIELDS = ("space", "resolution", "depths", "kernels", "expands")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and value == value and abs(value) != float("inf")
+
+
 # the types whose list repr is their JSON text (not bool, not numpy scalars, which print otherwise)
 _PLAIN_NUMBERS = frozenset({int})
 
@@ -96,19 +107,26 @@ class Arch:
     def from_dict(cls, data: Mapping[str, Any]) -> Arch:
         if not isinstance(data, Mapping):
             raise ArchError(f"an arch must be a JSON object, got {type(data).__name__}")
-        missing = [f for f in ("space", "resolution", "depths", "kernels", "expands") if f not in data]
+        missing = [f for f in FIELDS if f not in data]
         if missing:
             raise ArchError(f"arch is missing field(s): {', '.join(missing)}")
-        try:
-            return cls(
-                space=str(data["space"]),
-                resolution=int(data["resolution"]),
-                depths=tuple(data["depths"]),
-                kernels=tuple(data["kernels"]),
-                expands=tuple(data["expands"]),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ArchError(f"arch has a field of the wrong type: {exc}") from None
+        unknown = sorted(set(data) - set(FIELDS))
+        if unknown:
+            raise ArchError(f"arch has unknown field(s): {', '.join(map(str, unknown))} (an arch has "
+                            f"{', '.join(FIELDS)})")
+        if not isinstance(data["space"], str):
+            raise ArchError(f"arch field 'space' must be a string, got {data['space']!r}")
+        # no coercion: 2.9 is not a depth, "28" is not a resolution and "3333" is not a list of kernels
+        if not _is_int(data["resolution"]):
+            raise ArchError(f"arch field 'resolution' must be a whole number, got {data['resolution']!r}")
+        for name in ("depths", "kernels", "expands"):
+            values = data[name]
+            number = _is_number if name == "expands" else _is_int
+            if not isinstance(values, (list, tuple)) or not all(number(v) for v in values):
+                kind = "numbers" if name == "expands" else "whole numbers"
+                raise ArchError(f"arch field '{name}' must be a list of {kind}, got {values!r}")
+        return cls(space=data["space"], resolution=data["resolution"], depths=tuple(data["depths"]),
+                   kernels=tuple(data["kernels"]), expands=tuple(data["expands"]))
 
     @classmethod
     def from_json(cls, text: str) -> Arch:

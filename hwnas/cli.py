@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hwnas {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the disk filled or a path went away mid-run: what the OS said, in one line
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"hwnas {args.command}: error: {exc.strerror or exc}{where} (files already written are complete: every "
+              "write is atomic)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

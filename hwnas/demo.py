@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hwnas.errors import HwnasError
-from hwnas.fileio import display_path
+from hwnas.fileio import check_output_dir, display_path
 
 if TYPE_CHECKING:
     from hwnas.deploy import DeployReport
@@ -37,6 +37,9 @@ QUICK_RECIPE: dict[str, Any] = {"epochs": 40, "batch_size": 128, "lr": 0.1, "num
 def shipped_supernet() -> Path:
     """The Fashion-MNIST supernet shipped inside the package (hwnas/checkpoints/)."""
     return Path(__file__).resolve().parent / "checkpoints" / SHIPPED_NAME
+
+
+VAL_BATCH = 500  # validation images per batch the demo's search scores
 
 
 @dataclass
@@ -66,6 +69,9 @@ class DemoRequest:
             raise HwnasError(f"--queries must be >= 4 and --measure-top >= 0, got {self.queries} and "
                              f"{self.measure_top}")
         check_margin(self.margin)
+        if self.val_images < VAL_BATCH or self.val_images % VAL_BATCH:
+            raise HwnasError(f"--val-images must be a positive multiple of {VAL_BATCH} (the search scores batches "
+                             f"of {VAL_BATCH}), got {self.val_images}")
         return self
 
 
@@ -96,7 +102,7 @@ def run_demo(request: DemoRequest, *, log: Log = print, warn: Log = print) -> De
 
     clock = time.perf_counter()
     request.check()
-    out = request.out
+    out = check_output_dir(request.out)
     space = spaces.get(SPACE)
     profile = load_profile(request.profile)
 
@@ -144,7 +150,7 @@ def run_demo(request: DemoRequest, *, log: Log = print, warn: Log = print) -> De
     run = run_search(SearchRequest(
         supernet=ckpt, tables=[table], budgets_ms=[budget], strategy="evolution", queries=request.queries,
         population=max(4, min(16, request.queries // 3)), data=dataset, val_size=5000,
-        val_batches=max(1, request.val_images // 500), batch_size=500, bn_batches=4, bn_batch_size=256,
+        val_batches=request.val_images // VAL_BATCH, batch_size=VAL_BATCH, bn_batches=4, bn_batch_size=256,
         out=out / "search", force=True, seed=request.seed, margin=request.margin, measure_top=request.measure_top,
         device="cpu", progress=request.progress), log=lambda line: None, warn=lambda line: None)
     outcome = run.outcomes[0]

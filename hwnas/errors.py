@@ -35,3 +35,8 @@ class ExportError(HwnasError):
 
 class DeviceError(HwnasError):
     """A torch device that is not one, or is not present here (`--device cuda` without a GPU)."""
+
+
+class OutputError(HwnasError):
+    """An output path that cannot be written: a file where a directory goes, a read-only or full filesystem."""
+

@@ -11,6 +11,7 @@ so the accuracy and latency it reports are comparable with the search's.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hwnas.errors import ArchError, HwnasError
+from hwnas.fileio import check_output_dir
 from hwnas.runrecord import BEST_NAME, FAMILY_NAME, RunRecord, read_family
 from hwnas.space import Arch
 
@@ -85,6 +87,11 @@ class ExportRequest:
         if (self.calibration is not None or self.calibration_images is not None) and not self.onnx_int8:
             raise HwnasError("--calibration and --calibration-images calibrate an int8 ONNX file: "
                              "give --precision int8 with --format onnx (TensorRT calibrates its own)")
+        if self.budget_ms is not None and not (math.isfinite(self.budget_ms) and self.budget_ms > 0):
+            raise HwnasError(f"--budget-ms must be a positive number of milliseconds, got {self.budget_ms}")
+        if self.test_batches is not None and self.test_batches < 1:
+            raise HwnasError(f"--test-batches must be >= 1 (leave it out for the whole test split), got "
+                             f"{self.test_batches}")
         self.int8_settings()  # a bad method or count is refused before any work
         if self.onnx_int8 and self.data == "none":
             raise HwnasError("an int8 ONNX file is calibrated on training images: give the dataset (--data), "
@@ -140,6 +147,7 @@ def run_export(request: ExportRequest, *, log: Log = print, warn: Log = _stderr_
     from hwnas.deploy import check_profile_precision, deploy
 
     request.check()
+    check_output_dir(request.out)
     jobs = export_jobs(request.arch)
     if not jobs:
         raise HwnasError(f"{request.arch}: no arch to export (every search in the folder came back empty)")

@@ -64,3 +64,33 @@ def display_path(path: str | Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except (ValueError, OSError):
         return str(path)
+
+
+def check_output_dir(path: str | Path, what: str = "--out") -> Path:
+    """`path` as a directory hwnas can write into, checked before any long work starts; else one `OutputError`.
+
+    A search or a training that runs for minutes and then finds that `--out` is a file, sits under a
+    file, or lies on a read-only or virtual filesystem (`/proc`) loses all of it. Nothing is created:
+    the nearest existing ancestor is probed with a temporary directory that is removed at once.
+    """
+    from hwnas.errors import OutputError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {display_path(path)} is a file, not a directory: choose another path")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{what} {display_path(path)} lies under {display_path(probe)}, which is a file, not a "
+                          "directory")
+    try:
+        created = tempfile.mkdtemp(prefix=".hwnas-probe-", dir=probe)
+    except OSError as exc:
+        raise OutputError(f"{what} {display_path(path)}: cannot write in {display_path(probe)} "
+                          f"({exc.strerror or exc})") from None
+    with contextlib.suppress(OSError):
+        os.rmdir(created)
+    return path

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hwnas.errors import DataError
+from hwnas.fileio import check_output_dir
 from hwnas.recipe import TrainConfig
 
 Log = Callable[[str], None]
@@ -61,10 +62,12 @@ def run_training(request: TrainRequest, *, warn: Log = _stderr_warning) -> Train
     from hwnas.train import LOG_NAME, train_supernet
 
     config = request.config.check()
+    check_output_dir(request.out)
     dataset = load_dataset(request.data, val_size=request.val_size, seed=0)
     if request.train_subset is not None:
-        if request.train_subset < 1:
-            raise DataError(f"--train-subset must be >= 1, got {request.train_subset}")
+        if not 1 <= request.train_subset <= len(dataset.train):
+            raise DataError(f"--train-subset must lie in 1..{len(dataset.train)} (the training images of "
+                            f"{dataset.spec}), got {request.train_subset}")
         spec = f"{dataset.spec} (train subset {request.train_subset}, seed 0)"
         dataset = dataclasses.replace(dataset, train=dataset.train.subset(request.train_subset, seed=0), spec=spec)
     space = spaces.get(request.space, in_channels=dataset.in_channels, num_classes=dataset.num_classes)

@@ -24,7 +24,7 @@ import pandas as pd
 
 from hwnas.blocks import build_block, build_network
 from hwnas.errors import LatencyTableError
-from hwnas.fileio import atomic_write_text
+from hwnas.fileio import atomic_write_text, check_output_dir
 from hwnas.latency.quiet import QuietGuard
 from hwnas.latency.table import LatencyTable
 from hwnas.space import Arch, BlockSpec, SearchSpace
@@ -205,6 +205,7 @@ def profile_space(space: SearchSpace, profile: Any, out_dir: str | Path = "laten
     from hwnas.latency.device import device_slug, fingerprint
 
     clock = time.perf_counter()
+    check_output_dir(out_dir)
     profile = resolve_profile(profile)
     backend = backend if backend is not None else get_backend(profile)
     fp = fingerprint(profile)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from hwnas.errors import LatencyTableError
-from hwnas.fileio import atomic_write_text
+from hwnas.fileio import atomic_write_text, check_output_dir
 from hwnas.latency.profiler import calibration_archs, measure_subnets
 from hwnas.latency.quiet import QuietGuard
 from hwnas.latency.table import LatencyTable
@@ -138,7 +138,7 @@ def validate_table(table: LatencyTable | str | Path, space: SearchSpace | None =
     exclude = set(table.calibration.get("arch_ids", []))
     archs = calibration_archs(space, n, seed, exclude=exclude)
     statistic = table.statistic
-    out = Path(out_dir) if out_dir is not None else None
+    out = check_output_dir(out_dir) if out_dir is not None else None
     done = _read_partial(out, table, seed, statistic) if (out is not None and resume) else {}
     todo = [a for a in archs if a.arch_id not in done]
     if not measure:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from hwnas.errors import ArchError, HwnasError
-from hwnas.fileio import atomic_write_text
+from hwnas.fileio import atomic_write_text, check_output_dir
 from hwnas.runrecord import BEST_NAME, FAMILY_NAME, FamilyEntry, RunRecord, write_family
 from hwnas.search import check_budget, confirm, get_strategy, random_search
 from hwnas.search.journal import JOURNAL_NAME, EvaluationJournal, JournaledEvaluator, file_digest, table_identity
@@ -233,6 +233,7 @@ def run_search(request: SearchRequest, *, log: Log = print, warn: Log = _stderr_
     from hwnas.latency.table import LatencyTable
 
     request.check()
+    check_output_dir(request.out_dir())
     space, evaluator, data_spec = _scorer(request)
     targets = [Target.of_table(t if isinstance(t, LatencyTable) else LatencyTable.load(t)) for t in request.tables]
     if request.latency is not None:
