@@ -40,7 +40,7 @@ from hwnas import spaces
 from hwnas.arch import Arch
 from hwnas.latency import quiet
 from hwnas.latency.table import LatencyTable
-from hwnas.ofa_import import arch_from_ofa
+from hwnas.ofa_import import arch_from_ofa, ofa_version
 from hwnas.provenance import git_commit
 from hwnas.search import STRATEGIES
 from hwnas.search.predictor import AccuracyPredictor
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
               "table": str(args.table.resolve().relative_to(ROOT)) if args.table.resolve().is_relative_to(ROOT)
               else str(args.table), "device": table.meta.get("device_slug"), "predictor": fit.describe(),
               "generations": args.generations, "population": args.population, "seeds": args.seeds,
-              "ofa_version": _ofa_version(), "other_cpus_busy_max": max(busy_values) if busy_values else None,
+              "ofa_version": ofa_version(), "other_cpus_busy_max": max(busy_values) if busy_values else None,
               "other_cpus_busy_median": float(np.median(busy_values)) if busy_values else None}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "runs.json").write_text(json.dumps({"header": header, "runs": runs, "summary": summary},
@@ -228,15 +228,6 @@ def _ofa_finder_class() -> Any:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.EvolutionFinder
-
-
-def _ofa_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ofa")
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

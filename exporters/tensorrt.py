@@ -12,7 +12,6 @@ package.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -28,7 +27,7 @@ import numpy as np
 
 from exporters.tensorrt_calibration import CalibrationFeed, make_calibrator
 from hwnas.errors import ExportError
-from hwnas.fileio import atomic_write_bytes
+from hwnas.fileio import atomic_write_bytes, file_sha256
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -192,7 +191,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
         "tensorrt_version": trt.__version__,
         "gpu": torch.cuda.get_device_name(device),
         "onnx_file": onnx_path.name,
-        "onnx_sha256": _sha256(onnx_path),
+        "onnx_sha256": file_sha256(onnx_path),
         "onnx_metadata": {k: v for k, v in read_metadata(onnx_path).items() if k.startswith("hwnas.")},
         "calibration": None if feed is None else {
             "batches": feed.batches_fed,
@@ -384,14 +383,6 @@ def _torch_dtype(dtype: trt.DataType) -> torch.dtype:
     if dtype not in table:
         raise ExportError(f"engine tensor of TensorRT type {dtype} has no torch equivalent")
     return table[dtype]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _one_line(text: str) -> str:

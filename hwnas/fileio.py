@@ -9,6 +9,7 @@ searchers can use it without importing torch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -94,3 +95,12 @@ def check_output_dir(path: str | Path, what: str = "--out") -> Path:
     with contextlib.suppress(OSError):
         os.rmdir(created)
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (checkpoints and engines are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -24,7 +24,6 @@ warned about; the imported checkpoint records the file's name, size and sha256.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import re
 import sys
@@ -39,6 +38,7 @@ from hwnas import spaces
 from hwnas.arch import Arch
 from hwnas.checkpoint import FORMAT, VERSION, load_supernet, save_checkpoint, why_unreadable
 from hwnas.errors import CheckpointError, HwnasError
+from hwnas.fileio import file_sha256
 from hwnas.provenance import git_commit
 from hwnas.space import SearchSpace
 from hwnas.supernet import Supernet
@@ -256,15 +256,7 @@ def arch_from_ofa(space: SearchSpace, sample: Mapping[str, Any]) -> Arch:
     return Arch(space.name, int(resolution), tuple(sample["d"]), tuple(kernels), tuple(expands))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _ofa_version() -> str | None:
+def ofa_version() -> str | None:
     """The `ofa` package installed here, if any: the version whose layout this import was checked against."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -326,7 +318,7 @@ def import_ofa(checkpoint: str | Path, out: str | Path, *, width: str | None = N
     source = {
         "kind": "once-for-all", "file": checkpoint.name, "bytes": checkpoint.stat().st_size,
         "sha256": file_sha256(checkpoint), "width": converted.width, "settings": OFA_SETTINGS,
-        "settings_in_file_name": name_settings, "ofa_package_here": _ofa_version(),
+        "settings_in_file_name": name_settings, "ofa_package_here": ofa_version(),
         "num_classes": space.num_classes, "filled_counters": len(converted.filled_counters),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "hwnas_commit": git_commit(),
     }
