@@ -51,6 +51,7 @@ from hwnas.demo import shipped_supernet
 from hwnas.deploy import int8_calibration, ort_accuracy
 from hwnas.evaluation import DEFAULT_SETTINGS as EVAL_SETTINGS
 from hwnas.evaluation import recalibrated_subnet
+from hwnas.fileio import recorded_path
 from hwnas.supernet import Supernet
 
 METHODS = "minmax,entropy,percentile:99.999,percentile:99.99,percentile:99.9"
@@ -273,7 +274,9 @@ def tradeoff(args: argparse.Namespace, supernet: Supernet, dataset: Dataset, wor
 
 
 def _args(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "run"}
+    # paths relative to the summary's own folder (where it is written), never this machine's layout
+    return {k: (recorded_path(v, args.out) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in ("run", "out")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,7 +3,14 @@
 A checkpoint is one `torch.save`d dict that carries everything needed to rebuild the supernet
 (the search space's spec and the supernet's config) and to continue training on the same
 trajectory (optimizer, schedule, sampler and torch RNG states, epoch, step). It is read with
-`weights_only=True`, so loading a file from elsewhere runs no pickled code.
+`weights_only=True`, so loading a file from elsewhere runs no pickled code. A supernet whose weights
+hold a NaN or an infinity is refused on load: searched, it would "succeed" at chance accuracy.
+
+A save holds an exclusive `flock` on the checkpoint's directory while it writes its temporary
+file, so a temporary file found when the lock is free belongs to a writer that is gone (killed
+mid-save: the kernel drops the lock with the process); `remove_orphan_temps` removes those, and
+every save does so first. A save that fails (a full disk) is one `OutputError` naming the file;
+the checkpoint on disk is then the previous one, untouched.
 
     {"format": "hwnas-supernet", "version": 1, "space": space.to_dict(), "supernet_config": {...},
      "model": state_dict, "train_config": {...}, "epoch": int, "step": int, "optimizer": ... | None,
@@ -13,16 +20,17 @@ trajectory (optimizer, schedule, sampler and torch RNG states, epoch, step). It 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hwnas.errors import CheckpointError
-from hwnas.fileio import atomic_open
+from hwnas.errors import CheckpointError, OutputError
+from hwnas.fileio import atomic_open, display_path
 from hwnas.space import SearchSpace
 
 if TYPE_CHECKING:
@@ -47,10 +55,24 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
 
     A reader (or a crash, or a SIGKILL halfway) sees either the previous checkpoint or the new
     one, never a half-written file; the rename is atomic because both names are on one filesystem.
+    The directory's lock is held meanwhile, so the temporary files of killed saves are removed
+    first (`remove_orphan_temps`). A write that fails (a full disk, a file-size limit) raises
+    `OutputError` naming the file; the previous checkpoint stays as it was.
     """
     path = Path(path)
-    with atomic_open(path) as f:
-        torch.save(dict(state), f)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _directory_lock(path.parent, wait=True) as locked:
+        if locked:
+            _remove_temps(path)
+        try:
+            with atomic_open(path) as f:
+                torch.save(dict(state), f)
+        except (OSError, RuntimeError) as exc:
+            reason = write_failure(exc)
+            if reason is None:
+                raise
+            kept = f"{path.name} there is the previous one, unchanged" if path.exists() else "nothing was written"
+            raise OutputError(f"{display_path(path)}: cannot write the checkpoint ({reason}); {kept}") from None
     try:  # make the rename itself durable; not every filesystem lets a directory be opened
         dir_fd = os.open(path.parent, os.O_RDONLY)
     except OSError:
@@ -61,6 +83,77 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """What the OS said when `torch.save` could not write (ENOSPC, EFBIG, EIO, ...), or None for another error.
+
+    torch's writer reports a failed write as `RuntimeError: [enforce fail at inline_container.cc:...] unexpected
+    pos ...`, with the OSError of the file object it wrote to as the context (or the OSError itself surfaces
+    when the last buffer is flushed); the OS's reason is what a user can act on.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError):
+            return cause.strerror or str(cause) or type(cause).__name__
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc)
+    if "inline_container" in text or "PytorchStreamWriter" in text or "file write failed" in text:
+        return f"the write failed, is the disk full? (torch: {text.splitlines()[0][:120]})"
+    return None
+
+
+def remove_orphan_temps(path: str | Path) -> list[Path]:
+    """Remove the temporary files that killed saves of checkpoint `path` left (`.NAME.*.tmp`); returns them.
+
+    Only while no save in that directory holds its lock: a temporary file is then an orphan, its writer
+    gone. Where the lock is taken (another save is under way) or the filesystem has no `flock`, nothing
+    is removed. Training calls this as it starts; every save calls it too.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    with _directory_lock(path.parent, wait=False) as locked:
+        return _remove_temps(path) if locked else []
+
+
+def _remove_temps(path: Path) -> list[Path]:
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        if tmp.is_file() and not tmp.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path, *, wait: bool) -> Iterator[bool]:
+    """An exclusive `flock` on `directory` for the block; yields whether it is held (False: another process holds
+    it and `wait` is False, or this platform or filesystem has no flock). Released when the block ends or the
+    process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, so no orphan is ever judged gone
+        yield False
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        locked = False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            locked = True
+        except OSError:
+            pass
+        yield locked
+    finally:
+        os.close(fd)
 
 
 def why_unreadable(exc: BaseException) -> str:
@@ -102,6 +195,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def nonfinite_tensor(tensors: Mapping[str, torch.Tensor]) -> str:
+    """'' when every floating-point tensor (parameter or buffer) is finite, else which is the first that is not."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return ""
+    first = tensors[bad[0]]
+    kind = "NaN" if bool(torch.isnan(first).any()) else "infinite"
+    share = int((~torch.isfinite(first)).sum())
+    more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+    return f"'{bad[0]}' holds {share} {kind} value(s) of {first.numel()}{more}"
+
+
 def checkpoint_space(path: str | Path, state: Mapping[str, Any]) -> SearchSpace:
     """The search space stored in a checkpoint, rebuilt from its spec."""
     try:
@@ -124,6 +229,10 @@ def load_supernet(path: str | Path, *, space_name: str | None = None,
     space = checkpoint_space(path, state)
     if space_name is not None and space.name != space_name:
         raise CheckpointError(f"checkpoint {path} was trained on space '{space.name}', not '{space_name}'")
+    bad = nonfinite_tensor(state["model"])
+    if bad:
+        raise CheckpointError(f"{path}: checkpoint field 'model' is not finite: {bad}; the run that wrote it "
+                              "diverged (use an earlier checkpoint, or train again with a lower --lr)")
     config = state["supernet_config"]
     net = Supernet(space, kernel_transform=bool(config.get("kernel_transform", False)))
     try:

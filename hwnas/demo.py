@@ -10,6 +10,7 @@ composition of the library's own pipelines (`hwnas.latency.catalog`, `hwnas.sear
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +73,10 @@ class DemoRequest:
         if self.val_images < VAL_BATCH or self.val_images % VAL_BATCH:
             raise HwnasError(f"--val-images must be a positive multiple of {VAL_BATCH} (the search scores batches "
                              f"of {VAL_BATCH}), got {self.val_images}")
+        if self.budget_ms is not None and not (math.isfinite(self.budget_ms) and self.budget_ms > 0):
+            raise HwnasError(f"--budget-ms must be a positive number of milliseconds, got {self.budget_ms:g}")
+        if self.train_minutes is not None and not (math.isfinite(self.train_minutes) and self.train_minutes > 0):
+            raise HwnasError(f"--train-minutes must be a positive number of minutes, got {self.train_minutes:g}")
         return self
 
 
@@ -105,6 +110,14 @@ def run_demo(request: DemoRequest, *, log: Log = print, warn: Log = print) -> De
     out = check_output_dir(request.out)
     space = spaces.get(SPACE)
     profile = load_profile(request.profile)
+    # every input is read before the first timing: a bad checkpoint or dataset is one line, not minutes later
+    dataset = load_dataset(request.data, val_size=5000, seed=0)
+    shipped: tuple[Any, dict[str, Any]] | None = None
+    if request.train_minutes is None:
+        ckpt = request.supernet or shipped_supernet()
+        if not ckpt.is_file():
+            raise HwnasError(f"{ckpt}: no supernet checkpoint; pass --supernet CKPT or --train-minutes N")
+        shipped = load_supernet(ckpt, space_name=SPACE)
 
     log(f"[1/5] latency table ({profile.name}: {profile.description})")
     guard = QuietGuard(policy="warn", max_wait_s=20.0, log=lambda line: warn(line.strip().removeprefix("warning: ")))
@@ -114,18 +127,15 @@ def run_demo(request: DemoRequest, *, log: Log = print, warn: Log = print) -> De
                             label="  drift: ")
 
     log("[2/5] supernet")
-    dataset = load_dataset(request.data, val_size=5000, seed=0)
     if request.train_minutes is not None:
         from hwnas.recipe import TrainConfig
         from hwnas.train import train_supernet  # the demo is the one pipeline that trains
 
         ckpt = train_supernet(space, dataset, TrainConfig(**QUICK_RECIPE), out / "train", resume=True,
                               progress=request.progress, time_budget=request.train_minutes * 60)
-    else:
-        ckpt = request.supernet or shipped_supernet()
-        if not ckpt.is_file():
-            raise HwnasError(f"{ckpt}: no supernet checkpoint; pass --supernet CKPT or --train-minutes N")
-    supernet, state = load_supernet(ckpt, space_name=SPACE)
+        shipped = load_supernet(ckpt, space_name=SPACE)
+    assert shipped is not None  # loaded above, or just trained
+    supernet, state = shipped
     log(f"  {display_path(ckpt)} ({state.get('dataset', '?')}, epoch {state.get('epoch', '?')})")
 
     log("[3/5] budget")

@@ -12,6 +12,11 @@ An int8 export (`precision="int8"`) ships the fp32 file statically quantized by 
 (`exporters.onnx_int8`), calibrated on training images of the re-estimated model, and reports
 both sides of the trade: test accuracy in ONNX Runtime and latency on the same profile for the
 fp32 file and the int8 one.
+
+Both files and deploy.json carry the preprocessing the accuracy was measured with and the class
+names (`hwnas.data.preprocessing`), so the model can be run right without hwnas; and they name
+files relative to the export folder, never by this machine's absolute layout, which means nothing
+where the model ships to.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hwnas.data.preprocessing import preprocessing_for
 from hwnas.errors import HwnasError
 from hwnas.evaluation import DEFAULT_SETTINGS, EvalSettings, accuracy, recalibrated_subnet
+from hwnas.fileio import atomic_write_text, recorded_path
 from hwnas.space import Arch
 
 if TYPE_CHECKING:
@@ -78,6 +85,8 @@ class DeployReport:
     test_accuracy_int8: float | None = None  # ONNX Runtime, the int8 file, the same test images
     fp32_measured_ms: float | None = None  # int8 exports: the fp32 file timed on the same profile
     fp32_measured_rounds_ms: list[float] = field(default_factory=list)
+    val_size: int | None = None  # training images held out as validation (as training and search); None: a folder
+    preprocessing: dict[str, Any] | None = None  # `hwnas.data.preprocessing.Preprocessing`, also in the ONNX files
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -96,8 +105,32 @@ class DeployReport:
     def over_budget(self) -> bool:
         return self.budget_ms is not None and self.measured_ms is not None and self.measured_ms > self.budget_ms
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self, folder: str | Path | None = None) -> dict[str, Any]:
+        """The report as JSON data; with `folder` (deploy.json's), every file named relative to it
+        (`hwnas.fileio.recorded_path`: the files it sits beside by their names), never by an absolute path."""
+        data = asdict(self)
+        if folder is not None:
+            files = {data[key] for key in _PATH_FIELDS}  # measured_artifact may be "torch module (...)" instead
+            for key in (*_PATH_FIELDS, "measured_artifact"):
+                if data[key] is not None and data[key] in files:
+                    data[key] = recorded_path(data[key], folder)
+            if data["dataset"]:
+                data["dataset"] = portable_spec(data["dataset"], folder)
+        return data
+
+
+_PATH_FIELDS = ("onnx_path", "int8_onnx_path", "engine_path", "engine_settings", "table")
+_PATH_METADATA = ("source", "search")  # the `metadata` keys that name a file or folder (a checkpoint, a search)
+
+
+def portable_spec(spec: str, folder: str | Path) -> str:
+    """A dataset spec as a file in `folder` records it: its directory (`imagefolder:DIR?size=N`) relative to
+    `folder` (`hwnas.fileio.recorded_path`), never this machine's absolute path."""
+    name, colon, arg = spec.partition(":")
+    where, mark, query = arg.partition("?")
+    if not colon or not where:
+        return spec
+    return f"{name}:{recorded_path(where, folder)}{mark}{query}"
 
 
 def ort_accuracy(onnx_path: str | Path, split: Split, resolution: int, *, batch_size: int = 500,
@@ -133,9 +166,16 @@ def check_profile_precision(profile: DeviceProfile | None, precision: str) -> No
                      f"{precision}: give --profile {hint} (or another {precision} profile)")
 
 
+def _preprocessing_metadata(pre: dict[str, Any]) -> dict[str, str]:
+    """The ONNX metadata of a preprocessing record: `hwnas.preprocessing` (deploy.json's record, as JSON) and
+    `hwnas.classes` (the class names in the order of the outputs, a JSON list)."""
+    return {"preprocessing": json.dumps(pre), "classes": json.dumps(pre["classes"])}
+
+
 def _quantize(export_path: Path, out: Path, arch: Arch, dataset: Dataset, settings: EvalSettings,
-              int8: Int8Settings | None, log: Any) -> Int8Export:
-    """The fp32 file quantized, calibrated on training images, checked against fp32 on validation images."""
+              int8: Int8Settings | None, log: Any, pre: dict[str, Any] | None) -> Int8Export:
+    """The fp32 file quantized, calibrated on training images, checked against fp32 on validation images; it
+    carries the fp32 file's preprocessing record (the same input)."""
     from exporters.onnx_int8 import DEFAULT_SETTINGS as INT8_DEFAULTS
     from exporters.onnx_int8 import quantize_onnx
 
@@ -144,7 +184,9 @@ def _quantize(export_path: Path, out: Path, arch: Arch, dataset: Dataset, settin
     images = int8_calibration(dataset.train, arch.resolution, chosen, seed=settings.seed)
     result = quantize_onnx(export_path, out, images, chosen, check_inputs=check,
                            metadata={"calibration_split": "train", "calibration_seed": str(settings.seed),
-                                     "calibration_dataset": dataset.spec or dataset.name})
+                                     "calibration_dataset": portable_spec(dataset.spec or dataset.name,
+                                                                          out.parent),
+                                     **(_preprocessing_metadata(pre) if pre is not None else {})})
     log(f"  int8: {result.path} ({chosen.describe(result.calibration_images)} of the training split; "
         f"onnx.checker passed; {result.qdq_nodes} Q/DQ nodes; "
         f"top-1 agreement with fp32 {100 * (result.agreement or 0):.1f} % on {len(check)} validation images)")
@@ -194,7 +236,7 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
     choice), calibrated on training images; it is what `profile` (an int8 ONNX Runtime profile) times,
     beside the fp32 file on the same profile.
     """
-    from exporters.onnx import export_onnx, set_metadata
+    from exporters.onnx import INPUT_NAME, export_onnx, set_metadata
 
     if precision not in PRECISIONS:
         raise HwnasError(f"ONNX precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -226,9 +268,16 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
         module = supernet.extract(arch).eval()
         val_acc = test_acc = None  # no data: a pipeline check
 
+    pre = preprocessing_for(dataset, arch.resolution, input_name=INPUT_NAME) if dataset is not None else None
+    if dataset is not None and pre is None:
+        warnings.append(f"no preprocessing recorded: hwnas does not know what a {type(dataset.test).__name__} does "
+                        "to an image (the ONNX file and deploy.json carry none)")
     predicted = table.predict(arch) if table is not None else None
     props = {"source": str(metadata.get("source", "")) if metadata else ""}
     props.update({k: str(v) for k, v in (metadata or {}).items()})
+    for key in _PATH_METADATA:  # the checkpoint and the search, named from the export folder as deploy.json names files
+        if props.get(key) and Path(props[key]).exists():
+            props[key] = recorded_path(props[key], out_dir)
     for key, value in (("predicted_latency_ms", predicted), ("budget_ms", budget_ms), ("val_accuracy", val_acc),
                        ("test_accuracy_torch", test_acc), ("search_accuracy", search_accuracy)):
         if value is not None:
@@ -236,8 +285,13 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
     if table is not None:
         props.update(table_device=table.device_slug, table_profile=str((table.profile_dict or {}).get("name")))
     if dataset is not None:
-        props.update(dataset=dataset.spec or dataset.name, bn_batches=str(settings.bn_batches),
-                     bn_batch_size=str(settings.bn_batch_size), bn_seed=str(settings.seed))
+        props.update(dataset=portable_spec(dataset.spec or dataset.name, out_dir),
+                     bn_batches=str(settings.bn_batches), bn_batch_size=str(settings.bn_batch_size),
+                     bn_seed=str(settings.seed))
+        if dataset.val_carved:
+            props["val_size"] = str(len(dataset.val))
+    if pre is not None:
+        props.update(_preprocessing_metadata(pre.to_dict()))
     onnx_path = out_dir / f"{space.name}_{arch.arch_id}.onnx"
     export = export_onnx(module, arch, onnx_path, input_shape=shape, opset=opset, metadata=props, simplify=simplify)
     log(f"  onnx: {export.path} (opset {export.opset}, onnx.checker passed, ONNX Runtime vs torch max abs diff "
@@ -256,7 +310,7 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
     int8_acc = None
     if precision == "int8" and dataset is not None:
         int8_export = _quantize(export.path, out_dir / f"{space.name}_{arch.arch_id}.int8.onnx", arch, dataset,
-                                settings, int8, log)
+                                settings, int8, log, pre.to_dict() if pre is not None else None)
         int8_acc = ort_accuracy(int8_export.path, dataset.test, arch.resolution, batch_size=settings.batch_size,
                                 max_batches=test_batches)
         set_metadata(int8_export.path, {"test_accuracy_ort": f"{int8_acc:.6g}",
@@ -287,7 +341,9 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
         table=str(table.path) if table is not None and table.path else None,
         table_drift=table.drift_factor if table is not None and table.drifted else None,
         engine_path=str(engine_path) if engine_path else None,
-        engine_settings=str(settings_path) if settings_path else None, precision=precision)
+        engine_settings=str(settings_path) if settings_path else None, precision=precision,
+        val_size=len(dataset.val) if dataset is not None and dataset.val_carved else None,
+        preprocessing=pre.to_dict() if pre else None)
     if int8_export is not None:
         report.int8_onnx_path, report.int8_agreement = str(int8_export.path), int8_export.agreement
         report.test_accuracy_int8 = int8_acc
@@ -338,9 +394,7 @@ def deploy(supernet: Supernet, arch: Arch, out_dir: str | Path, *, dataset: Data
     report.warnings = warnings
     for w in warnings:
         log(f"  WARNING: {w}")
-    from hwnas.fileio import atomic_write_text
-
-    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report.to_dict(out_dir), indent=2) + "\n")
     log(f"  done in {time.perf_counter() - started:.1f} s")
     return report
 

@@ -6,6 +6,12 @@ best.json, or a search folder (every member of a family.json). The record says h
 scored its arch (data split, BN settings), which table predicted it and the drift it was scaled
 by, and which weights it was found with (a fine-tuning search's own); the export repeats all of it,
 so the accuracy and latency it reports are comparable with the search's.
+
+Files a record names (the supernet, fine-tuned weights, the table) are found relative to the record's own
+folder (how a search records them, `hwnas.fileio.recorded_path`), or as given (relative to the working
+directory, as older records hold them), so `hwnas export --arch RESULTS` runs without --supernet from any
+directory, after the results were moved with their weights too; a recorded checkpoint that is in neither place
+is one line naming the record and both places.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hwnas.errors import ArchError, HwnasError
-from hwnas.fileio import check_output_dir
+from hwnas.errors import ArchError, CheckpointError, HwnasError
+from hwnas.fileio import check_output_dir, display_path, resolve_recorded
 from hwnas.runrecord import BEST_NAME, FAMILY_NAME, RunRecord, read_family
 from hwnas.space import Arch
 
@@ -53,7 +59,9 @@ class ExportRequest:
     `profile` times the exported artifact; `table` and `budget_ms` default to the search's.
     `precision` None is the format's default (ONNX fp32, TensorRT fp16); ONNX int8 is calibrated
     with `calibration` (a method) on `calibration_images` training images, by default the measured
-    choice of `exporters.onnx_int8`.
+    choice of `exporters.onnx_int8`. `val_size` is the validation split carved from the training
+    images (a count, or a fraction below 1; None: the record's, else the checkpoint's, else 5000),
+    as training and search carved it: the rest is what BN is re-estimated on.
     """
 
     arch: str
@@ -70,6 +78,7 @@ class ExportRequest:
     budget_ms: float | None = None
     data: str | None = None
     test_batches: int | None = None
+    val_size: int | float | None = None
     allow_mismatch: bool = False
     out: Path = Path("exports")
 
@@ -92,6 +101,10 @@ class ExportRequest:
         if self.test_batches is not None and self.test_batches < 1:
             raise HwnasError(f"--test-batches must be >= 1 (leave it out for the whole test split), got "
                              f"{self.test_batches}")
+        if self.val_size is not None and (isinstance(self.val_size, bool) or not (
+                0 < self.val_size < 1 or (self.val_size >= 1 and float(self.val_size).is_integer()))):
+            raise HwnasError(f"--val-size must be a number of images (>= 1) or a fraction in (0, 1), "
+                             f"got {self.val_size}")
         self.int8_settings()  # a bad method or count is refused before any work
         if self.onnx_int8 and self.data == "none":
             raise HwnasError("an int8 ONNX file is calibrated on training images: give the dataset (--data), "
@@ -117,6 +130,7 @@ class ExportJob:
 
     record: RunRecord
     name: str | None  # a family member's folder name; None for a single export
+    where: Path | None = None  # the record's file (best.json); None for an inline arch
 
 
 def export_jobs(arch_arg: str) -> list[ExportJob]:
@@ -124,15 +138,16 @@ def export_jobs(arch_arg: str) -> list[ExportJob]:
     path = Path(arch_arg)
     if not arch_arg.lstrip().startswith("{") and path.is_dir():
         if (path / FAMILY_NAME).is_file():
-            return [ExportJob(_read_record(path / entry.dir / BEST_NAME), entry.dir) for entry in read_family(path)
-                    if entry.best_arch_id]
+            return [ExportJob(_read_record(path / entry.dir / BEST_NAME), entry.dir, path / entry.dir / BEST_NAME)
+                    for entry in read_family(path) if entry.best_arch_id]
         if (path / BEST_NAME).is_file():
-            return [ExportJob(_read_record(path / BEST_NAME), None)]
+            return [ExportJob(_read_record(path / BEST_NAME), None, path / BEST_NAME)]
         raise ArchError(f"{path}: a search folder holds best.json or family.json; neither is there")
     arch = Arch.parse(arch_arg)
-    record = _read_record(path) if path.suffix == ".json" and path.is_file() else RunRecord(arch=None)
+    from_file = path.suffix == ".json" and path.is_file()
+    record = _read_record(path) if from_file else RunRecord(arch=None)
     record.arch = json.loads(arch.to_json())
-    return [ExportJob(record, None)]
+    return [ExportJob(record, None, path if from_file else None)]
 
 
 def _read_record(path: Path) -> RunRecord:
@@ -151,33 +166,32 @@ def run_export(request: ExportRequest, *, log: Log = print, warn: Log = _stderr_
     jobs = export_jobs(request.arch)
     if not jobs:
         raise HwnasError(f"{request.arch}: no arch to export (every search in the folder came back empty)")
-    first = Arch.from_dict(jobs[0].record.arch or {})
-    supernet_path = request.supernet
-    tuned = jobs[0].record.finetuned_supernet
-    if tuned and supernet_path is None:
-        supernet_path = Path(tuned)  # the search changed the shared weights: the arch was chosen with these
-    elif tuned and supernet_path is not None and Path(tuned).resolve() != supernet_path.resolve():
-        warn(f"{request.arch} was found with fine-tuned weights ({tuned}); exporting it with {supernet_path} instead")
-    searched = jobs[0].record.supernet
-    if supernet_path is None and request.space is None and searched:
-        supernet_path = Path(searched)  # the checkpoint the search scored its archs on
     profile = None
     if request.profile is not None:  # a profile for the other precision is refused before any loading
         from hwnas.latency.profiles import load_profile
 
         profile = load_profile(request.profile)
         check_profile_precision(profile, "int8" if request.onnx_int8 else "fp32")
-    supernet, source, state = _supernet(supernet_path, request.space, first.space)
+    paths = [_supernet_path(request, job, warn) for job in jobs]  # a recorded file that is gone: before any loading
+    loaded: dict[Path | None, tuple[Any, str, dict[str, Any]]] = {}
+    first = Arch.from_dict(jobs[0].record.arch or {})
+    loaded[paths[0]] = _supernet(paths[0], request.space, first.space)
+    supernet, source, state = loaded[paths[0]]
     space = supernet.space
-    dataset = _dataset(request.data, state, jobs[0].record, space)
+    dataset = _dataset(request.data, state, jobs[0].record, space, request.val_size)
     if request.onnx_int8 and dataset is None:
         raise HwnasError("an int8 ONNX file is calibrated on training images: give the dataset (--data), not 'none'")
     reports = []
-    for job in jobs:
+    for job, path in zip(jobs, paths, strict=True):
         record = job.record
         arch = Arch.from_dict(record.arch or {})
+        if path not in loaded:  # a family member fine-tuned its own weights
+            loaded[path] = _supernet(path, request.space, arch.space)
+        supernet, source, _ = loaded[path]
+        space = supernet.space
         space.validate(arch)
-        table = _table(request.table or record.table, space, profile, request.allow_mismatch, warn)
+        recorded_table = None if request.table else _recorded_file(job, "table", record.table, required=False)
+        table = _table(request.table or recorded_table, space, profile, request.allow_mismatch, warn)
         table = _with_search_drift(table, record, explicit=request.table is not None, log=log)
         budget = request.budget_ms if request.budget_ms is not None else record.budget_ms
         out = request.out / job.name if job.name else request.out
@@ -189,6 +203,47 @@ def run_export(request: ExportRequest, *, log: Log = print, warn: Log = _stderr_
             simplify=request.simplify, test_batches=request.test_batches, metadata={"source": source}, log=log,
             precision="int8" if request.onnx_int8 else "fp32", int8=request.int8_settings()))
     return reports
+
+
+def _supernet_path(request: ExportRequest, job: ExportJob, warn: Log) -> Path | None:
+    """The checkpoint to cut `job`'s arch from: --supernet, else the fine-tuned weights or the supernet its record
+    names (None: a fresh supernet of --space)."""
+    tuned = job.record.finetuned_supernet
+    if request.supernet is not None:
+        if tuned:
+            found = _recorded_file(job, "finetuned_supernet", tuned, required=False) or Path(tuned)
+            if found.resolve() != request.supernet.resolve():
+                warn(f"{display_path(job.where) if job.where else request.arch} was found with fine-tuned weights "
+                     f"({tuned}); exporting it with {request.supernet} instead")
+        return request.supernet
+    if tuned:  # the search changed the shared weights: the arch was chosen with these
+        return _recorded_file(job, "finetuned_supernet", tuned)
+    if job.record.supernet and request.space is None:  # the checkpoint the search scored its archs on
+        return _recorded_file(job, "supernet", job.record.supernet)
+    return None
+
+
+def _recorded_file(job: ExportJob, field: str, value: str | None, *, required: bool = True) -> Path | None:
+    """A file the record names: relative to the record's folder (as a search records it), or as given
+    (relative to the working directory, as older records hold it) where only that exists.
+
+    Not found: one CheckpointError naming the record, the field and both places looked in, or None when not
+    `required` (the caller reports the file as given).
+    """
+    if not value:
+        return None
+    given = Path(value)
+    folder = job.where.parent if job.where is not None else None
+    found = resolve_recorded(given, folder) if folder is not None else given
+    if found.is_file():
+        return found
+    if not required:
+        return None
+    places = [given] if given.is_absolute() or folder is None else [folder / given, given]
+    record = display_path(job.where) if job.where is not None else "the run record"
+    looked = " or ".join(dict.fromkeys(display_path(p) for p in places))
+    raise CheckpointError(f"{record} records {field} '{value}', which is not there (no file at {looked}): give "
+                          "--supernet CKPT")
 
 
 def _supernet(path: Path | None, space_name: str | None, arch_space: str) -> tuple[Any, str, dict[str, Any]]:
@@ -206,29 +261,44 @@ def _supernet(path: Path | None, space_name: str | None, arch_space: str) -> tup
     return Supernet(spaces.get(space_name)).eval(), "fresh supernet (random weights)", {}
 
 
-def _dataset(spec: str | None, state: dict[str, Any], record: RunRecord, space: SearchSpace) -> Dataset | None:
-    """The data to re-estimate BN and measure accuracy on: the checkpoint's unless given; None for 'none'."""
+def _dataset(spec: str | None, state: dict[str, Any], record: RunRecord, space: SearchSpace,
+             val_size: int | float | None = None) -> Dataset | None:
+    """The data to re-estimate BN and measure accuracy on: the checkpoint's unless given; None for 'none'.
+
+    The validation split is carved as the search (or the training) carved it: `val_size` (--val-size), else
+    the record's, else the checkpoint's, else hwnas train's default of 5000; so the training images BN is
+    re-estimated on are the ones the search used.
+    """
     data_spec = spec or (str(state["dataset"]).split(" (", 1)[0] if state.get("dataset") else None)
     if not data_spec or data_spec == "none":
         return None
     from hwnas.data import load_dataset
 
-    val_size = int(record.val_size or state.get("val_size") or 5000)
-    dataset = load_dataset(data_spec, val_size=val_size, seed=0)
+    dataset = load_dataset(data_spec, val_size=_val_size(val_size, record, state), seed=0)
     if (dataset.in_channels, dataset.num_classes) != (space.in_channels, space.num_classes):
         raise HwnasError(f"dataset '{data_spec}' has {dataset.in_channels} channels and {dataset.num_classes} "
                          f"classes; the supernet expects {space.in_channels} and {space.num_classes}")
     return dataset
 
 
+def _val_size(given: int | float | None, record: RunRecord, state: dict[str, Any]) -> int | float:
+    """The first of --val-size, the record's and the checkpoint's that is set; a whole number is a count."""
+    for value in (given, record.val_size, state.get("val_size")):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return int(value) if float(value).is_integer() else float(value)
+    return 5000
+
+
 def _table(path: str | Path | None, space: SearchSpace, profile: DeviceProfile | None, allow_mismatch: bool,
            warn: Log) -> LatencyTable | None:
-    """The latency table for the prediction, or None; a table for another target is shown as a warning."""
+    """The latency table for the prediction, or None. A table of another space (or shape) is refused: it cannot
+    price the arch. One of another device or profile is shown as a warning: the export is timed here anyway."""
     if not path:
         return None
     from hwnas.latency.table import LatencyTable
 
     table = LatencyTable.load(Path(path))
+    table.check_target(space, allow_mismatch=allow_mismatch)
     fp = None
     if profile is not None:
         from hwnas.latency.device import fingerprint

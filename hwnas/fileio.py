@@ -67,12 +67,36 @@ def display_path(path: str | Path) -> str:
         return str(path)
 
 
-def check_output_dir(path: str | Path, what: str = "--out") -> Path:
+def recorded_path(path: str | Path, folder: str | Path) -> str:
+    """`path` as a file written in `folder` records it: relative to `folder`, never this machine's absolute layout.
+
+    A run record, a report or a table travels between machines and people with the files it names;
+    a path relative to itself still points at them after the whole tree is copied or checked out
+    elsewhere. `resolve_recorded` reads it back.
+    """
+    return os.path.relpath(Path(path).resolve(), Path(folder).resolve())
+
+
+def resolve_recorded(value: str | Path, folder: str | Path) -> Path:
+    """A path a file in `folder` recorded: relative to `folder` (what `recorded_path` writes), or, for records
+    written before paths were relative, as given (relative to the working directory) when only that exists."""
+    value = Path(value)
+    if value.is_absolute():
+        return value
+    beside = Path(folder) / value
+    return beside if beside.exists() or not value.exists() else value
+
+
+MIN_FREE_BYTES = 64 << 20  # what a search's or an export's files take, with room: a full disk is refused up front
+
+
+def check_output_dir(path: str | Path, what: str = "--out", *, min_free_bytes: int = MIN_FREE_BYTES) -> Path:
     """`path` as a directory hwnas can write into, checked before any long work starts; else one `OutputError`.
 
     A search or a training that runs for minutes and then finds that `--out` is a file, sits under a
-    file, or lies on a read-only or virtual filesystem (`/proc`) loses all of it. Nothing is created:
-    the nearest existing ancestor is probed with a temporary directory that is removed at once.
+    file, lies on a read-only or virtual filesystem (`/proc`), or on a disk with less than
+    `min_free_bytes` free (`os.statvfs`), loses all of it. Nothing is created: the nearest existing
+    ancestor is probed with a temporary directory that is removed at once.
     """
     from hwnas.errors import OutputError
 
@@ -94,6 +118,11 @@ def check_output_dir(path: str | Path, what: str = "--out") -> Path:
                           f"({exc.strerror or exc})") from None
     with contextlib.suppress(OSError):
         os.rmdir(created)
+    stats = os.statvfs(probe)
+    free = stats.f_bavail * stats.f_frsize
+    if free < min_free_bytes:
+        raise OutputError(f"{what} {display_path(path)}: only {free / 2**20:.1f} MiB free on its disk, "
+                          f"{min_free_bytes / 2**20:.0f} MiB needed: free some space or choose another disk")
     return path
 
 

@@ -29,7 +29,9 @@ class TrainingError(HwnasError):
 
 @dataclass
 class TrainConfig:
-    """The recipe. Everything here except `device` and `log_every` is part of the trajectory.
+    """The recipe. Everything here except `device` and `log_every` is part of the trajectory; `lr`, `grad_clip` and
+    `collapse_drop` may still change on a resume, to recover a run from its last good checkpoint
+    (`hwnas.train_resume.RESUME_MAY_ADJUST`).
 
     `batch_size` is global: under torchrun each of N ranks takes `batch_size // N` images of each
     step, so the recipe means the same at any scale.
@@ -63,7 +65,8 @@ class TrainConfig:
     eval_batch_size: int = 500
     bn_batches: int = 8  # training batches (of batch_size) that re-estimate BN before each evaluation
     collapse_drop: float | None = 15.0  # stop if the largest's val accuracy falls this many points below
-    # its best, or back to chance after being 10 points above it; None: no collapse check
+    # its best (or more than a small validation set's noise), or back to chance after being 10 points above it;
+    # None: no collapse check
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,20 +149,50 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999))
 
 
-def collapse_reason(history: Sequence[dict[str, float]], acc: float, num_classes: int, drop: float | None) -> str:
+# Standard errors of the difference of two accuracies beyond which a drop is not noise (see `collapse_reason`).
+COLLAPSE_SIGMAS = 3.0
+
+
+def noise_points(acc_a: float, acc_b: float, n: int) -> float:
+    """`COLLAPSE_SIGMAS` standard errors (in points) of the difference of two accuracies measured on `n` images.
+
+    Were nothing to have changed, both are binomial estimates of one accuracy p (pooled from the two) on the n
+    validation images, and their difference has the standard error sqrt(2 p (1 - p) / n). Three of them make
+    a false alarm a one-sided 0.13 % event per epoch: about one in twenty over a 40-epoch run even though the
+    best epoch so far is the largest of up to 40 such estimates. On 40 images at 50 % that is 34 points; on
+    5000 at 90 %, under 2 (the fixed `collapse_drop` then decides).
+    """
+    p = min(max((acc_a + acc_b) / 200.0, 0.0), 1.0)
+    return 100.0 * COLLAPSE_SIGMAS * math.sqrt(2.0 * p * (1.0 - p) / max(int(n), 1))
+
+
+def collapse_reason(history: Sequence[dict[str, float]], acc: float, num_classes: int, drop: float | None,
+                    n: int = 5000) -> str:
     """Why the largest's validation accuracy `acc` counts as a collapse (`TrainConfig.collapse_drop`), or ''.
 
-    `history` is the log rows of the epochs before; `drop` None turns the check off.
+    `history` is the log rows of the epochs before, `n` the validation images both were measured on; `drop`
+    None turns the check off. A fall counts when it exceeds both `drop` points and what `n` images cannot
+    tell from noise (`noise_points`): a drop of 20 points on 40 images is a handful of images.
     """
     if drop is None or not history:
         return ""
     best = max(row["val_acc_largest"] for row in history)
     chance = 100.0 / num_classes
-    if best > chance + 10 and acc <= chance + 5:
+    noise = noise_points(best, acc, n)
+    if best > chance + 10 and acc <= chance + 5 and best - acc > noise:
         return f"fell to chance ({acc:.2f} %, chance {chance:.1f} %, best so far {best:.2f} %)"
-    if best - acc > drop:
-        return f"fell {best - acc:.1f} points below its best ({acc:.2f} % vs {best:.2f} %; limit {drop:g})"
+    if best - acc > max(drop, noise):
+        limit = f"{noise:.1f} points on {n} validation images" if noise > drop else f"{drop:g}"
+        return f"fell {best - acc:.1f} points below its best ({acc:.2f} % vs {best:.2f} %; limit {limit})"
     return ""
+
+
+def recovery_advice(config: TrainConfig, alternative: str, when: str = "") -> str:
+    """What a run stopped by a collapse or a non-finite loss should do next: the flags that continue it from its
+    last good checkpoint at half the learning rate, or `alternative` (`when` says when), appended to the same
+    command. `hwnas.train_resume.RESUME_MAY_ADJUST` is what lets `--resume` take them."""
+    return (f"rerun the same command with '--resume --lr {config.lr / 2:g}' appended (half the learning rate), "
+            f"or with '{alternative}'" + (f" {when}" if when else ""))
 
 
 def autocast(device: torch.device, config: TrainConfig) -> contextlib.AbstractContextManager[Any]:
@@ -229,5 +262,5 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["CosineSchedule", "ResolutionCache", "TrainConfig", "TrainingError", "autocast", "collapse_reason",
-           "epoch_seed", "kd_loss", "make_optimizer", "to_cpu"]
+__all__ = ["COLLAPSE_SIGMAS", "CosineSchedule", "ResolutionCache", "TrainConfig", "TrainingError", "autocast",
+           "collapse_reason", "epoch_seed", "kd_loss", "make_optimizer", "noise_points", "recovery_advice", "to_cpu"]

@@ -14,7 +14,8 @@ sorting by the widest subnet's importance would hand them other channels and und
 
 Checkpoints (`hwnas.checkpoint`) are written atomically at the end of every epoch and at the next
 step boundary after a SIGTERM; a NaN/inf loss or a collapse of validation accuracy stops training
-with `TrainingError` before anything is saved, so the checkpoint on disk is the last good one.
+with `TrainingError` before anything is saved, so the checkpoint on disk is the last good one; the
+error says how to continue it (`recipe.recovery_advice`). A run starts by removing killed saves' temporary files.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 
 from hwnas.callbacks import Callback, StepInfo
-from hwnas.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
+from hwnas.checkpoint import FORMAT, VERSION, load_checkpoint, remove_orphan_temps, save_checkpoint
 from hwnas.data import Dataset
 from hwnas.distributed import (
     Dist,
@@ -58,6 +59,7 @@ from hwnas.recipe import (
     epoch_seed,
     kd_loss,
     make_optimizer,
+    recovery_advice,
     to_cpu,
 )
 from hwnas.sampling import UniformSampler, make_sampler
@@ -149,8 +151,9 @@ class _Trainer:
         if config.steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, config.steps_per_epoch)
         if self.steps_per_epoch < 1:
+            fits = (len(dataset.train) // d.world) * d.world
             raise TrainingError(f"train config: batch_size {config.batch_size} is larger than the training "
-                                f"split ({len(dataset.train)} images)")
+                                f"split ({len(dataset.train)} images): pass a batch size of {fits} or less")
         torch.manual_seed(config.seed)
         self.model = Supernet(space, kernel_transform=config.kernel_transform).to(device)
         self.channels_last = config.channels_last
@@ -176,6 +179,7 @@ class _Trainer:
         if config.val_batches is not None:
             val = val.select(torch.arange(min(len(val), config.val_batches * config.eval_batch_size)))
         self.val = val.select(torch.arange(d.rank, len(val), d.world)) if d.enabled else val
+        self.val_images = len(val)  # on all ranks together: what the collapse check's noise is measured on
         self.stop = StopRequest()
 
     # -- state ---------------------------------------------------------------------------------------
@@ -195,6 +199,7 @@ class _Trainer:
             "epoch_progress": {"sums": to_cpu(self.sums), "seconds": self.epoch_seconds,
                                "images": self.epoch_images},
             "history": list(self.history), "dataset": self.dataset.spec,
+            "val_size": len(self.dataset.val) if self.dataset.val_carved else None,  # search and export redraw it
             "metrics": {k: last[k] for k in ("val_acc_largest", "val_acc_smallest") if k in last},
         }
 
@@ -207,7 +212,7 @@ class _Trainer:
     def _load(self) -> bool:
         """Restore a checkpoint; True when it is complete (nothing left to train)."""
         state = load_checkpoint(self.path, map_location="cpu")
-        check_resume(self.path, state, self.space, self.dataset, self.config)
+        check_resume(self.path, state, self.space, self.dataset, self.config, say=self.d.main)
         if state.get("complete"):
             return True
         with resume_field(self.path, "model"):
@@ -236,6 +241,8 @@ class _Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------
     def run(self, resume: bool) -> Path:
+        if self.d.main:
+            remove_orphan_temps(self.path)  # a save killed in an earlier run left its temporary file
         if self.path.exists() and not resume:
             raise TrainingError(f"{self.path} exists: pass --resume to continue it, or choose another --out")
         if resume and self.path.exists():
@@ -322,14 +329,19 @@ class _Trainer:
         values = all_reduce(flags, self.d, tdist.ReduceOp.MAX if self.d.enabled else None).tolist()
         bad = [role for role, v in zip(self.roles, values[:-1], strict=True) if v > 0]
         if bad:
-            kept = (f"the last good checkpoint {self.path} (epoch {self._saved_epoch()}) is kept"
-                    if self.path.exists() else "no checkpoint was written yet")
             raise TrainingError(f"non-finite loss of the {', '.join(bad)} subnet(s) in epoch {self.epoch + 1} "
-                                f"by step {self.step_in_epoch}; {kept}; lower --lr or set --grad-clip")
+                                f"by step {self.step_in_epoch}; {self._kept()}; "
+                                f"{recovery_advice(self.config, '--resume --grad-clip 1')}")
         return values[-1] > 0
 
     def _saved_epoch(self) -> int:
         return len(self.history)
+
+    def _kept(self) -> str:
+        """What a stopped run leaves: the last good checkpoint, or none."""
+        if self.path.exists():
+            return f"the last good checkpoint {self.path} (epoch {self._saved_epoch()}) is kept"
+        return "no checkpoint was written yet"
 
     def _train_epoch(self) -> None:
         cfg, d = self.config, self.d
@@ -384,12 +396,12 @@ class _Trainer:
         average_buffers(self.model, d)
         acc = {role: self.val_accuracy(arch) for role, arch in (("largest", self.largest),
                                                                  ("smallest", self.smallest))}
-        why = collapse_reason(self.history, acc["largest"], self.space.num_classes, cfg.collapse_drop)
+        why = collapse_reason(self.history, acc["largest"], self.space.num_classes, cfg.collapse_drop,
+                              self.val_images)
         if why:
-            kept = f"the last good checkpoint {self.path} (epoch {self._saved_epoch()}) is kept" \
-                if self.path.exists() else "no checkpoint was written"
             raise TrainingError(f"accuracy collapse in epoch {self.epoch + 1}: the largest subnet's validation "
-                                f"accuracy {why}; {kept}; lower --lr or set --grad-clip")
+                                f"accuracy {why}; {self._kept()}; "
+                                f"{recovery_advice(cfg, '--resume --no-collapse-check', 'if the fall is noise')}")
         sums = self.sums.tolist()
         steps = max(1, self.step_in_epoch)
         row = {"epoch": self.epoch + 1, "loss": sums[0] / steps, "kd_loss": sums[1] / steps,

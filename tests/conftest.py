@@ -51,7 +51,10 @@ def hwnas_cli(capsys: pytest.CaptureFixture):  # noqa: ANN201 - a function retur
 
     def run(*args: str) -> CliResult:
         capsys.readouterr()
-        code = main(list(args))
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse refused an option: its one line is on stderr
+            code = exc.code if isinstance(exc.code, int) else 2
         captured = capsys.readouterr()
         return CliResult(code, captured.out, captured.err)
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from hwnas.data import FASHION_MNIST_DIR, Dataset, dataset_names, load_dataset
+from hwnas.data.readers import SplitNotice
 from hwnas.errors import DataError
 
 needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(),
@@ -362,8 +363,9 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=f"{tmp_path / 'a' / 'train'}: no class folders"):
         load_dataset(f"imagefolder:{tmp_path / 'a'}")
     write_imagefolder(tmp_path / "b", splits=("train",))
-    with pytest.raises(DataError, match=f"{tmp_path / 'b'}: no val or test folder"):
-        load_dataset(f"imagefolder:{tmp_path / 'b'}")
+    with pytest.warns(SplitNotice, match=f"imagefolder {tmp_path / 'b'}: no val/ or test/ folder"):
+        only_train = load_dataset(f"imagefolder:{tmp_path / 'b'}")  # test and validation carved from train/
+    assert (len(only_train.train), len(only_train.val), len(only_train.test)) == (10, 1, 1)
     with pytest.raises(DataError, match="size must be a positive integer"):
         load_dataset(f"imagefolder:{tmp_path / 'b'}?size=big")
     write_imagefolder(tmp_path / "c")

@@ -35,7 +35,7 @@ def test_demo_searches_exports_and_prints_the_summary(out: Path) -> None:
     assert abs(report["val_accuracy"] - best["accuracy"]) <= 0.1, "the export sees the search's BN statistics"
     assert abs(report["test_accuracy_ort"] - report["test_accuracy_torch"]) <= 0.1
     assert report["measured_ms"] > 0 and report["ort_max_abs_diff"] <= 1e-4
-    assert Path(report["onnx_path"]).is_file()
+    assert (tmp_path / "export" / report["onnx_path"]).is_file()  # named relative to deploy.json's folder
     picked = best["measured_pick"]  # the top candidates were timed here before the export
     assert "in-budget candidates on this device: kept" in out and 1 <= picked["timed"] <= 5
     assert picked["measured_ms"] > 0
@@ -43,7 +43,8 @@ def test_demo_searches_exports_and_prints_the_summary(out: Path) -> None:
     if "  reused " in out:  # a committed table is checked for drift first
         assert "drift: 8 calibration subnets re-timed" in out, out
         drift = best.get("latency_drift")
-        assert drift is None or drift["factor"] == pytest.approx(best["predicted_latency_ms"] / _undrifted(best))
+        undrifted = _undrifted(best, tmp_path / "search")
+        assert drift is None or drift["factor"] == pytest.approx(best["predicted_latency_ms"] / undrifted)
 
 
 def test_demo_budget_below_the_fastest_subnet_names_the_feasible_range(out: Path) -> None:
@@ -53,9 +54,10 @@ def test_demo_budget_below_the_fastest_subnet_names_the_feasible_range(out: Path
     assert len(lines) == 1 and "predicted latencies span" in lines[0], proc.stderr
 
 
-def _undrifted(best: dict) -> float:
+def _undrifted(best: dict, best_dir: Path) -> float:
     """The committed table's own prediction for the best arch, without the drift correction."""
+    from hwnas.fileio import resolve_recorded
     from hwnas.latency.table import LatencyTable
     from hwnas.space import Arch
 
-    return LatencyTable.load(best["table"]).predict(Arch.from_dict(best["arch"]))
+    return LatencyTable.load(resolve_recorded(best["table"], best_dir)).predict(Arch.from_dict(best["arch"]))

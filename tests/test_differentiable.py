@@ -360,7 +360,8 @@ def test_cli_search_differentiable_end_to_end(search_cli_setup: cli.Setup, tmp_p
     arch = Arch.from_file(tuned / "best.json")
     assert state["finetuned_from"] == str(setup.supernet) and table.predict(arch) <= budget
     assert net.extract(arch) is not None and str(tuned / "supernet.pt") in printed
-    assert json.loads((tuned / "best.json").read_text())["finetuned_supernet"] == str(tuned / "supernet.pt")
+    recorded = json.loads((tuned / "best.json").read_text())["finetuned_supernet"]  # relative to best.json
+    assert not Path(recorded).is_absolute() and (tuned / recorded).resolve() == (tuned / "supernet.pt").resolve()
 
     # 'hwnas export' of the folder takes the fine-tuned weights by itself (the arch was chosen with them)
     code, _, err = cli.run_cli(["export", "--arch", str(tuned), "--data", "none", "--out", str(tmp_path / "exp")],
@@ -369,7 +370,7 @@ def test_cli_search_differentiable_end_to_end(search_cli_setup: cli.Setup, tmp_p
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(next((tmp_path / "exp").glob("*.onnx")))).metadata_props}
-    assert props["hwnas.source"] == str(tuned / "supernet.pt")
+    assert (tmp_path / "exp" / props["hwnas.source"]).resolve() == (tuned / "supernet.pt").resolve()
 
     code, _, err = cli.run_cli(setup.args(budget, tmp_path / "x", "--finetune"), capsys)
     assert code == 2 and "--finetune applies to --strategy differentiable only" in cli.one_line(err)

@@ -239,7 +239,7 @@ def test_int8_export_measures_accuracy_in_onnx_runtime_beside_fp32_and_records_t
     assert meta["hwnas.calibration_seed"] == "3" and meta["hwnas.calibration_dataset"]
     assert meta["hwnas.profile"] == profile.name
     saved = json.loads((tmp_path / "out" / "deploy.json").read_text())
-    assert saved["precision"] == "int8" and saved["int8_onnx_path"] == str(int8_path)
+    assert saved["precision"] == "int8" and saved["int8_onnx_path"] == int8_path.name  # beside deploy.json
     quant = saved["quantization"]
     assert quant["method"] == FAST.method and quant["calibration_images"] == 64 and quant["calibration_seed"] == 3
     assert quant["calibration_split"] == "train" and quant["graph"] == FAST.graph_settings()
@@ -300,7 +300,7 @@ def test_int8_cli_export_prints_both_accuracies(hwnas_cli, tmp_path: Path) -> No
     assert saved["quantization"]["method"] == "minmax" and saved["quantization"]["calibration_images"] == 32
     assert f"int8 {saved['test_accuracy_int8']:.2f} %, fp32 {saved['test_accuracy_ort']:.2f} %" in result.stdout
     assert saved["int8_onnx_path"] in result.stdout and "minmax on 32 images" in result.stdout
-    assert read_metadata(saved["int8_onnx_path"])["hwnas.calibration_images"] == "32"
+    assert read_metadata(out / saved["int8_onnx_path"])["hwnas.calibration_images"] == "32"
 
 
 # ---- the int8 latency profile ---------------------------------------------------------------------------------

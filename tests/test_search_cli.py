@@ -182,7 +182,10 @@ def test_a_table_of_another_space_spec_is_refused(setup: Setup, tmp_path: Path, 
     args = ["search", "--supernet", str(setup.supernet), "--table", str(rgb), "--budget-ms", "5", "--out",
             str(tmp_path / "x"), *QUICK]
     code, _, err = run_cli(args, capsys)
-    assert code == 2 and "in_channels" in one_line(err) and "--allow-mismatch" in err
+    # a table of another shape cannot serve even with --allow-mismatch (stem and head differ): the advice is the
+    # profile command that builds the right one
+    assert code == 2 and "in_channels" in one_line(err) and "hwnas profile" in err and \
+        "--in-channels 1 --num-classes 10" in err  # the shape of the supernet searched
     code, _, err = run_cli([*args[:-len(QUICK)], "--strategy", "annealing", *QUICK], capsys)
     assert code == 2 and "unknown search strategy 'annealing'" in one_line(err)
 
@@ -272,3 +275,30 @@ def test_margin_searches_under_a_guard_band_and_keeps_the_budget_for_the_export(
     assert (pd.read_csv(out / "candidates.csv")["latency_ms"] <= 0.8 * budget).all()
     code, _, err = run_cli(setup.args(budget, tmp_path / "bad", "--margin", "0.5"), capsys)
     assert code == 2 and "--margin is a fraction of the budget in [0, 0.5)" in one_line(err)
+
+
+def test_a_table_takes_budgets_of_its_own(setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--table T.csv:A,B` without --budget-ms: one search per own budget; the records name their files relative to
+    themselves; an own budget no subnet meets is refused naming the table, before any evaluation."""
+    from hwnas.fileio import resolve_recorded
+
+    lo, hi = setup.low + 0.4 * (setup.high - setup.low), setup.low + 0.8 * (setup.high - setup.low)
+    out = tmp_path / "own"
+    args = ["search", "--supernet", str(setup.supernet), "--table", f"{setup.table}:{lo:.4f},{hi:.4f}",
+            "--out", str(out), *QUICK]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    family = json.loads((out / "family.json").read_text())
+    assert sorted(e["budget_ms"] for e in family) == [round(lo, 4), round(hi, 4)]
+    for entry in family:
+        best = json.loads((out / entry["dir"] / "best.json").read_text())
+        assert best["predicted_latency_ms"] <= entry["budget_ms"]
+        for name in ("supernet", "table"):
+            assert not Path(best[name]).is_absolute()
+            assert resolve_recorded(best[name], out / entry["dir"]).resolve() == \
+                Path(getattr(setup, name)).resolve()
+    code, _, err = run_cli(["search", "--supernet", str(setup.supernet), "--table", f"{setup.table}:{lo:.4f}",
+                            f"{setup.table}:{setup.low / 10:.5f}", "--out", str(tmp_path / "no"), *QUICK], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"table {setup.table}" in lines[0] and "span" in lines[0], err
+    assert not (tmp_path / "no").exists()

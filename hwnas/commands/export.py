@@ -11,9 +11,10 @@ if TYPE_CHECKING:
     from hwnas.export_pipeline import ExportRequest
 
 EXAMPLE = """examples:
-  hwnas export --supernet runs/fmnist/supernet.pt --arch results/run1/best.json \\
-      --profile profiles/cpu-onnxruntime.toml --out exports/run1
-  hwnas export --supernet S.pt --arch results/family --out exports/family      # every arch of a multi-device search
+  hwnas export --arch results/run1/best.json --profile profiles/cpu-onnxruntime.toml --out exports/run1
+      # from the supernet best.json records (relative to results/run1), fine-tuned weights if the search made them
+  hwnas export --supernet runs/fmnist/supernet.pt --arch results/run1/best.json --out exports/run1
+  hwnas export --arch results/family --out exports/family      # every arch of a multi-device search
   hwnas export --supernet S.pt --arch results/run1/best.json --precision int8 \\
       --profile cpu-onnxruntime-int8 --out exports/int8      # ONNX Runtime int8 (static QDQ) beside fp32
   hwnas export --supernet S.pt --arch results/run1/best.json --format tensorrt --precision int8 \\
@@ -26,7 +27,10 @@ training batches the search used (settings read from best.json) and the accuracy
 the validation split (beside the search's figure) and on the test split in torch and in ONNX
 Runtime. With --profile, the exported artifact is timed on the profile's backend and shown beside
 the table's prediction and the budget, with a warning when it is over budget. deploy.json in each
-output folder holds every figure; the ONNX file carries them in its metadata.
+output folder holds every figure; the ONNX file carries them in its metadata, with the preprocessing
+the accuracy was measured with (hwnas.preprocessing: colour mode, resize, scale, mean and std, as
+JSON) and the class names in output order (hwnas.classes), so the file runs right without hwnas.
+Files are named relative to the output folder, never by an absolute path.
 
 --precision int8 (with --format onnx) also writes NAME.int8.onnx: the fp32 file statically quantized
 by ONNX Runtime (QDQ, per-channel weights), calibrated on training images of the BN-re-estimated
@@ -37,6 +41,8 @@ calibration settings are in its metadata and deploy.json.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from hwnas.commands.train import val_size_arg  # the same N|F reading as hwnas train's
+
     parser = sub.add_parser(
         "export",
         help="cut searched subnets out of a supernet and export them to ONNX (verified) or TensorRT",
@@ -69,6 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add("--budget-ms", type=float, help="latency budget to check against (default: the search's)")
     add("--data", help="dataset for BN re-estimation and accuracy (default: the checkpoint's); 'none' to skip")
     add("--test-batches", type=int, default=None, help="cap on test batches of 500 (default: the whole split)")
+    add("--val-size", type=val_size_arg, default=None, metavar="N|F",
+        help="training images held out as the validation split (a count, or a fraction below 1), as in hwnas "
+             "train and search (default: what best.json records, else the checkpoint, else 5000)")
     add("--allow-mismatch", action="store_true", help="quietly use a table measured for another device")
     add("--out", type=Path, default=Path("exports"), help="output directory")
     parser.set_defaults(run=run)
@@ -83,7 +92,7 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
                          calibration_images=args.calibration_images, opset=args.opset, simplify=args.simplify,
                          profile=args.profile,
                          table=args.table, budget_ms=args.budget_ms, data=args.data, test_batches=args.test_batches,
-                         allow_mismatch=args.allow_mismatch, out=args.out)
+                         val_size=args.val_size, allow_mismatch=args.allow_mismatch, out=args.out)
 
 
 def run(args: argparse.Namespace) -> int:

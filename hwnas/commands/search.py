@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hwnas.search.pipeline import SearchRequest
+    from hwnas.search.request import SearchRequest
 
 EXAMPLE = """examples:
   hwnas search --supernet runs/fmnist/supernet.pt --table latency_tables/mbv3-32/DEVICE__cpu-onnxruntime.csv \\
@@ -18,6 +18,7 @@ EXAMPLE = """examples:
   hwnas search --supernet S.pt --table T.csv --budget-ms 2.5 --strategy differentiable --finetune  # + OUT/supernet.pt
   hwnas search --supernet S.pt --table OTHER_DEVICE.csv --budget-ms 4 --seed-from results/evo-2.5ms
   hwnas search --supernet S.pt --table CPU.csv GPU.csv --budget-ms 1 2 4 --out results/family  # a deploy family
+  hwnas search --supernet S.pt --table CPU.csv:2,4 GPU.csv:0.3 --out results/family   # budgets per device
   hwnas search ... --out results/evo-2.5ms --resume        # after a kill: replays what was evaluated, continues
   hwnas search --space hwnas.examples.cell_space:space --evaluator hwnas.examples.cell_space:evaluator \
       --latency hwnas.examples.cell_space:latency --budget-ms 3 --out results/cell   # a space of your own
@@ -37,6 +38,8 @@ STRATEGY_HELP = ("evolution (constrained, tournament), nsga (accuracy-latency fr
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from hwnas.commands.train import val_size_arg  # the same N|F reading as hwnas train's
+
     parser = sub.add_parser(
         "search",
         help="search a supernet for the most accurate subnet within a latency budget",
@@ -50,9 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add = parser.add_argument
     add("--supernet", type=Path, default=None,
         help="supernet checkpoint (hwnas train's OUT/supernet.pt): scores the archs (or --evaluator)")
-    add("--table", type=Path, nargs="+", default=[],
+    add("--table", nargs="+", default=[], metavar="CSV[:MS,...]",
         help="latency table CSV (its .meta.json beside it); several (devices) search one arch per table and budget "
-             "(or --latency)")
+             "(or --latency); CSV:MS,MS gives that table budgets of its own instead of --budget-ms")
     add("--space", default=None,
         help="the space: a preset or package.module:factory of your own (default: the supernet's); see "
              "hwnas/examples/cell_space.py for what a space provides")
@@ -61,8 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
              "supernet")
     add("--latency", default=None, metavar="MODULE:FACTORY",
         help="predict latency with your own model (called with the space; .predict(arch) -> ms) instead of a table")
-    add("--budget-ms", type=float, required=True, nargs="+",
-        help="latency budget in milliseconds (hard); several search one arch per budget")
+    add("--budget-ms", type=float, default=[], nargs="+",
+        help="latency budget in milliseconds (hard); several search one arch per budget; applies to every --table "
+             "that gives none of its own")
     add("--strategy", default="evolution", help=f"{STRATEGY_HELP} (default: %(default)s)")
     add("--queries", type=int, default=200,
         help="supernet evaluations in all (with --predictor: its training pairs plus the confirmations) "
@@ -79,8 +83,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
              "writes OUT/supernet.pt, the weights to export the found subnet with")
     add("--data", default=None,
         help="dataset spec (default: the one the checkpoint was trained on, else fashion-mnist)")
-    add("--val-size", type=int, default=5000,
-        help="training images held out as validation split, as in hwnas train (default: %(default)s)")
+    add("--val-size", type=val_size_arg, default=None, metavar="N|F",
+        help="training images held out as the validation split (a count, or a fraction below 1), as in hwnas "
+             "train (default: what the checkpoint was trained with, else 5000)")
     add("--val-batches", type=int, default=None, help="cap on validation batches per evaluation (default: all)")
     add("--batch-size", type=int, default=500, help="evaluation batch size (default: %(default)s)")
     add("--bn-batches", type=int, default=8,
@@ -125,10 +130,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def request_from_args(args: argparse.Namespace) -> SearchRequest:
     """The library request that the arguments describe."""
-    from hwnas.search.pipeline import SearchRequest
+    from hwnas.search.request import SearchRequest, parse_table_budgets
 
+    parsed = [parse_table_budgets(value) for value in args.table]
+    own = [budgets for _, budgets in parsed]
     return SearchRequest(
-        supernet=args.supernet, tables=args.table, budgets_ms=args.budget_ms, space=args.space,
+        supernet=args.supernet, tables=[path for path, _ in parsed], budgets_ms=args.budget_ms, space=args.space,
+        table_budgets_ms=own if any(b is not None for b in own) else [],
         evaluator=args.evaluator, latency=args.latency, time_limit=args.time_limit, patience=args.patience,
         strategy=args.strategy,
         queries=args.queries, population=args.population, steps=args.steps, reward=args.reward,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -13,13 +14,25 @@ if TYPE_CHECKING:
 
 EXAMPLE = """examples:
   hwnas train --space mbv3-32 --data fashion-mnist --epochs 40 --out runs/fmnist
+  hwnas train --space mbv3-32 --data 'imagefolder:data/parts?size=32' --out runs/parts   # your own 32 px images
   hwnas train --space mbv3-32 --epochs 40 --out runs/fmnist --resume          # after a kill or SIGTERM
+  hwnas train --space mbv3-32 --epochs 40 --out runs/fmnist --resume --lr 0.125   # after a collapse
   hwnas train --space mbv3-32 --epochs 2 --train-subset 2048 --out runs/smoke --device cpu
   torchrun --nproc_per_node 2 -m hwnas.cli train --space mbv3-32 --epochs 40 --out runs/ddp
 
+Your own images: imagefolder:DIR reads DIR/train/<class>/*.png|jpg (at least two classes) and
+  - DIR/val and DIR/test: validation and test as given (--val-size is ignored);
+  - DIR/val only: DIR/val is the TEST split; validation is --val-size images held out of DIR/train;
+  - neither: test and validation are both --val-size images held out of DIR/train (seeded, disjoint).
+  Images are decoded at 224 px unless ?size=N says otherwise (quote the spec in a shell): for mbv3-32,
+  'imagefolder:DIR?size=32'. ?crop=0.875 resizes to size / 0.875 and keeps the centre (ImageNet's).
+A batch larger than the training split is cut to the split's size (said in one line).
+
 Writes OUT/supernet.pt (atomically, every epoch and on SIGTERM), OUT/train_log.csv (per epoch:
 loss, validation accuracy of the largest and smallest subnet after BN re-estimation, lr, images/s)
-and OUT/train_config.json. --resume continues the same trajectory; it needs the same settings.
+and OUT/train_config.json. --resume continues the same trajectory; it needs the same settings,
+except --lr, --grad-clip and --no-collapse-check, which may change to continue a run stopped by a
+collapse or a non-finite loss from its last good checkpoint (the error says with what).
 """
 
 # Defaults mirror hwnas.recipe.TrainConfig (tests/test_train.py checks that they agree); they are
@@ -44,7 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add = parser.add_argument
     add("--space", required=True, help="search space name (hwnas.spaces.names())")
     add("--data", default="fashion-mnist",
-        help="dataset: fashion-mnist, fashion-mnist:DIR, cifar10:DIR, imagefolder:DIR (default: %(default)s)")
+        help="dataset: fashion-mnist, fashion-mnist:DIR, cifar10:DIR, imagefolder:DIR[?size=N&crop=F] "
+             "(DIR/train/<class>/*.png|jpg, DIR/val, DIR/test: see below; images decoded at N px, default 224) "
+             "(default: %(default)s)")
     add("--out", type=Path, required=True, help="run directory, e.g. runs/NAME")
     add("--resume", action="store_true", help="continue OUT/supernet.pt (starts fresh if there is none)")
     add("--epochs", type=int, default=DEFAULTS["epochs"], help="(default: %(default)s)")
@@ -76,8 +91,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add("--kernel-transform", action="store_true", help="OFA's learned kernel transforms")
     add("--seed", type=int, default=DEFAULTS["seed"], help="(default: %(default)s)")
     add("--steps-per-epoch", type=int, default=None, help="cap steps per epoch, for quick runs")
-    add("--val-size", type=int, default=5000,
-        help="training images held out as the validation split (default: %(default)s)")
+    add("--val-size", type=val_size_arg, default=None, metavar="N|F",
+        help="training images held out as the validation split: a count N >= 1 or a fraction 0 < F < 1 "
+             "(default: 5000 or 10 %% of the training images, whichever is smaller)")
     add("--val-batches", type=int, default=None, help="cap validation batches per epoch")
     add("--bn-batches", type=int, default=DEFAULTS["bn_batches"],
         help="training batches that re-estimate BN before each evaluation (default: %(default)s)")
@@ -91,6 +107,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add("--log-every", type=int, default=DEFAULTS["log_every"], help="steps between progress updates")
     add("--quiet", action="store_true", help="no progress bar (epoch lines still print)")
     parser.set_defaults(run=run)
+
+
+def val_size_arg(text: str) -> int | float:
+    """`--val-size`: a whole number is a count of images, anything else a fraction of the training set."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value >= 1 and value.is_integer():
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"expected a count of images (such as 500) or a fraction in (0, 1) (such as "
+                                     f"0.1), got '{text}'")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -117,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
                            time_budget=args.time_budget, progress=not args.quiet)
     try:
         outcome = run_training(request, warn=lambda message: print(f"hwnas train: warning: {message}",
-                                                                   file=sys.stderr))
+                                                                   file=sys.stderr),
+                               log=lambda message: print(message, flush=True))
     except TrainingInterrupted as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"hwnas train: {exc}", file=sys.stderr)

@@ -3,7 +3,9 @@
 `load_dataset("fashion-mnist")` reads Debian's files; `fashion-mnist:DIR`, `cifar10:DIR` and
 `imagefolder:DIR[?size=N&crop=F]` read a directory. Every reader checks what it reads and names the file
 and what is wrong with it in a `DataError`. The validation split is carved from the training set
-with a seed, so a search can rank subnets without ever touching the test split.
+with a seed, so a search can rank subnets without ever touching the test split. Where the splits
+are not the format's own (an image folder without DIR/test), a `SplitNotice` warning says once how
+they were made: a user who put images in DIR/val must learn that they became the test split.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import gzip
 import math
 import pickle
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,9 +39,21 @@ CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
                  "test_batch", "batches.meta")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGEFOLDER_DEFAULT_SIZE = 224
+# The default validation split: DEFAULT_VAL_SIZE images or DEFAULT_VAL_FRACTION of the training set, whichever
+# is smaller. 5000 is what fashion-mnist and CIFAR-10 have always held out (10 % of them is more); a folder of a
+# few hundred images keeps 90 % of them to train on instead of being refused.
+DEFAULT_VAL_SIZE = 5000
+DEFAULT_VAL_FRACTION = 0.1
+# The seed of the test split carved from DIR/train when an image folder has no DIR/val or DIR/test: fixed, not the
+# validation seed, so that another validation seed never moves a test image into training.
+IMAGEFOLDER_TEST_SEED = 104_729
 
 
-Loader = Callable[[str, int | float, int], Dataset]
+class SplitNotice(UserWarning):
+    """How a dataset's splits were made, where that is not the format's own (an image folder without DIR/test)."""
+
+
+Loader = Callable[[str, int | float | None, int], Dataset]
 
 
 def dataset_names() -> list[str]:
@@ -46,13 +61,16 @@ def dataset_names() -> list[str]:
     return sorted(_LOADERS)
 
 
-def load_dataset(spec: str = "fashion-mnist", *, val_size: int | float = 5000, seed: int = 0) -> Dataset:
+def load_dataset(spec: str = "fashion-mnist", *, val_size: int | float | None = None, seed: int = 0) -> Dataset:
     """Load a dataset by spec: `fashion-mnist`, `fashion-mnist:DIR`, `cifar10:DIR`, `imagefolder:DIR[?size=N&crop=F]`.
 
-    `val_size` images of the training set (an int: a count; a float: a fraction) become the
-    validation split, drawn at random with `seed`; the rest is the training split. The same seed
-    gives the same split, and the two never share an image. `imagefolder` with both DIR/val and
-    DIR/test uses DIR/val as given and ignores `val_size`.
+    `val_size` images of the training set (an int >= 1: a count; a float in (0, 1): a fraction;
+    None: `default_val_count`, 5000 or 10 % of the training images, whichever is smaller) become
+    the validation split, drawn at random with `seed`; the rest is the training split. The same
+    seed gives the same split, and the two never share an image. `imagefolder` with both DIR/val
+    and DIR/test uses DIR/val as given and ignores `val_size`; with DIR/val alone DIR/val is the
+    test split; with neither, a test split of the same size is carved from DIR/train first (with
+    `IMAGEFOLDER_TEST_SEED`). The last two say so in a `SplitNotice` warning.
     """
     name, _, arg = spec.partition(":")
     name = name.strip().lower()
@@ -63,22 +81,45 @@ def load_dataset(spec: str = "fashion-mnist", *, val_size: int | float = 5000, s
     return dataset
 
 
-def _val_count(val_size: int | float, total: int, where: object) -> int:
-    if isinstance(val_size, bool) or not isinstance(val_size, int | float):
+def default_val_count(total: int) -> int:
+    """The validation split when none is asked for: `DEFAULT_VAL_SIZE` or `DEFAULT_VAL_FRACTION` of `total` images,
+    whichever is smaller, and at least one image."""
+    return max(1, min(DEFAULT_VAL_SIZE, int(total * DEFAULT_VAL_FRACTION)))
+
+
+def _val_count(val_size: int | float | None, total: int, where: object) -> int:
+    """How many of `total` training images `val_size` holds out; every refusal advises a value that would work."""
+    if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, int | float)):
         raise DataError(f"val_size must be an int (count) or a float (fraction), got {val_size!r}")
+    if total < 2:
+        raise DataError(f"{where}: {total} training image(s): too few to hold out a validation split and keep "
+                        "images to train on (at least 2 needed: add images)")
+    if val_size is None:
+        return default_val_count(total)
+    suggestion = default_val_count(total)
     if isinstance(val_size, float):
-        if not 0.0 <= val_size < 1.0:
-            raise DataError(f"val_size as a fraction must be in [0, 1), got {val_size}")
-        return min(round(val_size * total), max(total - 1, 0))
-    if not 0 <= val_size < total:
-        raise DataError(f"{where}: val_size {val_size} must be in [0, {total - 1}]: the training set has {total} "
-                        f"images (pass a smaller count or a fraction such as 0.1)")
+        if not 0.0 < val_size < 1.0:
+            raise DataError(f"{where}: val_size as a fraction must be in (0, 1), got {val_size} (pass a count such "
+                            f"as {suggestion} or a fraction such as 0.1)")
+        count = min(round(val_size * total), total - 1)
+        if count < 1:
+            raise DataError(f"{where}: val_size {val_size} of the {total} training images is no image (pass a larger "
+                            f"fraction or a count such as {suggestion})")
+        return count
+    if not 1 <= val_size < total:
+        raise DataError(f"{where}: val_size {val_size} must be in [1, {total - 1}]: the training set has {total} "
+                        f"images (pass a smaller count such as {suggestion} or a fraction such as 0.1)")
     return val_size
 
 
-def _carve(split: Split, val_size: int | float, seed: int, where: object) -> tuple[Split, Split]:
+def _carve(split: Split, val_size: int | float | None, seed: int, where: object) -> tuple[Split, Split]:
     """Split off a seeded random validation set; both keep the original order of their rows."""
     k = _val_count(val_size, len(split), where)
+    return _take(split, k, seed)
+
+
+def _take(split: Split, k: int, seed: int) -> tuple[Split, Split]:
+    """(the rest, `k` rows drawn with `seed`), both in the original order of their rows."""
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
     return split.select(order[k:].sort().values), split.select(order[:k].sort().values)
 
@@ -99,7 +140,7 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
 
 
 def _in_memory(name: str, classes: Sequence[str], train_images: torch.Tensor, train_labels: torch.Tensor,
-               test_images: torch.Tensor, test_labels: torch.Tensor, val_size: int | float, seed: int,
+               test_images: torch.Tensor, test_labels: torch.Tensor, val_size: int | float | None, seed: int,
                where: object) -> Dataset:
     mean, std = _channel_stats(train_images)  # the whole training set: independent of the val seed
     full = TensorSplit(train_images, train_labels, mean=mean, std=std)
@@ -154,7 +195,7 @@ def _find_idx(directory: Path, stem: str) -> Path:
                     f"{', '.join(s for s, _ in IDX_FILES.values())}, gzipped or not)")
 
 
-def _load_fashion_mnist(arg: str, val_size: int | float, seed: int) -> Dataset:
+def _load_fashion_mnist(arg: str, val_size: int | float | None, seed: int) -> Dataset:
     expected = "the four Fashion-MNIST idx files, gzipped or not"
     if not arg and not FASHION_MNIST_DIR.is_dir():
         raise DataError(f"{FASHION_MNIST_DIR}: no such directory (install Debian's dataset-fashion-mnist, "
@@ -185,7 +226,7 @@ def _load_fashion_mnist(arg: str, val_size: int | float, seed: int) -> Dataset:
 
 
 # ---- cifar10 -----------------------------------------------------------------------------------------------
-def _load_cifar10(arg: str, val_size: int | float, seed: int) -> Dataset:
+def _load_cifar10(arg: str, val_size: int | float | None, seed: int) -> Dataset:
     """CIFAR-10's python batches through torchvision, without its md5 check.
 
     The md5 check would hash 170 MB on every load and refuses any re-packed or reduced copy; the
@@ -258,16 +299,18 @@ def _parse_options(arg: str) -> tuple[str, int, float]:
     return path, size, crop
 
 
-def _scan(root: Path, classes: Sequence[str] | None) -> tuple[list[str], list[Path], list[int]]:
-    """Class folders of `root` and their images; `classes` (from train) fixes the label of each name."""
+def _scan(root: Path, train: tuple[Path, Sequence[str]] | None = None) -> tuple[list[str], list[Path], list[int]]:
+    """Class folders of `root` and their images; `train` (the training folder and its classes) fixes the label of
+    each name and refuses a class that has no training images."""
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not found:
         raise DataError(f"{root}: no class folders (expected {root}/<class>/*.jpg|png)")
-    if classes is None:
-        classes = found
+    classes = found if train is None else train[1]
     unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise DataError(f"{root}: class folder(s) {', '.join(unknown)} not in the training set's classes")
+    if unknown and train is not None:
+        raise DataError(f"{root}: class folder(s) {', '.join(unknown)} not in {train[0]} (its classes: "
+                        f"{', '.join(classes)}): a class needs training images; add {train[0] / unknown[0]} "
+                        f"or remove {root / unknown[0]}")
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
@@ -275,14 +318,33 @@ def _scan(root: Path, classes: Sequence[str] | None) -> tuple[list[str], list[Pa
             continue
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
-            raise DataError(f"{root / name}: no images (expected {', '.join(IMAGE_EXTENSIONS)} files)")
+            raise DataError(f"{root / name}: no images (expected {', '.join(IMAGE_EXTENSIONS)} files; remove the "
+                            "empty class folder or add images)")
         paths += files
         labels += [label] * len(files)
+    if train is None and len(classes) < 2:
+        raise DataError(f"{root}: one class folder only ('{classes[0]}'): a classifier needs at least two "
+                        f"(expected {root}/<class>/*.jpg|png for each class)")
     return list(classes), paths, labels
 
 
-def _load_imagefolder(arg: str, val_size: int | float, seed: int) -> Dataset:
-    """DIR/train/<class>/* and a test split from DIR/test (or DIR/val when there is no DIR/test).
+def _untrained_class(train: Split, classes: Sequence[str], root: Path) -> str:
+    """Why a class lost every training image to the held-out splits (a tiny class folder), or ''.
+
+    Training refuses such data (`Dataset.untrained`); a search or an export uses the training split
+    only to re-estimate BN statistics, which needs no image of every class.
+    """
+    counts = torch.bincount(train.labels, minlength=len(classes)).tolist()
+    for name, count in zip(classes, counts, strict=True):
+        if count == 0:
+            return (f"{root / name}: every image of class '{name}' went to the held-out splits, none is left to "
+                    "train on (add images to it or pass a smaller --val-size)")
+    return ""
+
+
+def _load_imagefolder(arg: str, val_size: int | float | None, seed: int) -> Dataset:
+    """DIR/train/<class>/* and a test split from DIR/test (or DIR/val when there is no DIR/test; or carved from
+    DIR/train when there is neither), validation from DIR/val when DIR/test exists, else carved from DIR/train.
 
     Images are decoded as RGB, resized on the shorter side and centre-cropped to `?size=N`
     (default 224), or, with `?crop=F`, resized to size / F and the centre kept (`crop=0.875`:
@@ -290,27 +352,44 @@ def _load_imagefolder(arg: str, val_size: int | float, seed: int) -> Dataset:
     ImageNet's statistics.
     """
     path, size, crop = _parse_options(arg)
-    expected = "DIR/train/<class>/*.jpg|png and DIR/val/<class>/... or DIR/test/<class>/..."
+    expected = "DIR/train/<class>/*.jpg|png, optionally DIR/val/<class>/... and DIR/test/<class>/..."
     directory = _directory(path, "imagefolder", expected)
-    if not (directory / "train").is_dir():
+    root = directory / "train"
+    if not root.is_dir():
         raise DataError(f"{directory}: no train folder (expected {expected})")
-    classes, paths, labels = _scan(directory / "train", None)
+    classes, paths, labels = _scan(root)
 
     def split(ps: list[Path], ls: list[int]) -> ImageFolderSplit:
         return ImageFolderSplit(ps, torch.tensor(ls, dtype=torch.int64), size=size, crop=crop)
 
     held_out = [directory / d for d in ("val", "test") if (directory / d).is_dir()]
-    if not held_out:
-        raise DataError(f"{directory}: no val or test folder (expected {expected})")
-    test = split(*_scan(held_out[-1], classes)[1:])
     train: Split
     val: Split
+    note = ""
     if len(held_out) == 2:
-        train, val = split(paths, labels), split(*_scan(held_out[0], classes)[1:])
+        train, val = split(paths, labels), split(*_scan(held_out[0], (root, classes))[1:])
+        test: Split = split(*_scan(held_out[1], (root, classes))[1:])
+    elif held_out:
+        test = split(*_scan(held_out[0], (root, classes))[1:])
+        train, val = _carve(split(paths, labels), val_size, seed, root)
+        if held_out[0].name == "val":
+            note = (f"imagefolder {directory}: no test/ folder: val/ is the test split ({len(test)} images); "
+                    f"validation is {len(val)} images held out of train/")
     else:
-        train, val = _carve(split(paths, labels), val_size, seed, directory / "train")
+        k = _val_count(val_size, len(paths), root)
+        if len(paths) - 2 * k < 1:
+            raise DataError(f"{root}: {len(paths)} images cannot give a test and a validation split of {k} each "
+                            f"and keep images to train on (pass a smaller --val-size, add images, or add "
+                            f"{directory / 'test'})")
+        rest, test = _take(split(paths, labels), k, IMAGEFOLDER_TEST_SEED)
+        train, val = _take(rest, k, seed)
+        note = (f"imagefolder {directory}: no val/ or test/ folder: the test split is {len(test)} images and "
+                f"validation {len(val)} images, both held out of train/ (seeded, disjoint)")
+    if note:
+        warnings.warn(note, SplitNotice, stacklevel=3)
     return Dataset(name="imagefolder", in_channels=3, num_classes=len(classes), native_resolution=size,
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD, train=train, val=val, test=test, classes=tuple(classes))
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD, train=train, val=val, test=test, classes=tuple(classes),
+                   val_carved=len(held_out) < 2, untrained=_untrained_class(train, classes, root))
 
 
 _LOADERS: dict[str, Loader] = {
@@ -320,5 +399,6 @@ _LOADERS: dict[str, Loader] = {
 }
 
 
-__all__ = ["CIFAR10_FILES", "CIFAR10_FOLDER", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IDX_FILES",
-           "IMAGEFOLDER_DEFAULT_SIZE", "IMAGE_EXTENSIONS", "Loader", "dataset_names", "load_dataset", "read_idx"]
+__all__ = ["CIFAR10_FILES", "CIFAR10_FOLDER", "DEFAULT_VAL_FRACTION", "DEFAULT_VAL_SIZE", "FASHION_MNIST_CLASSES",
+           "FASHION_MNIST_DIR", "IDX_FILES", "IMAGEFOLDER_DEFAULT_SIZE", "IMAGEFOLDER_TEST_SEED", "IMAGE_EXTENSIONS",
+           "Loader", "SplitNotice", "dataset_names", "default_val_count", "load_dataset", "read_idx"]

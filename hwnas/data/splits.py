@@ -278,6 +278,12 @@ class Dataset:
     test: Split
     classes: tuple[str, ...] = field(default=())
     spec: str = ""
+    # True when `val` was drawn from the training set (the size `load_dataset`'s val_size asked for), False when it
+    # is a folder of its own (an image folder's DIR/val beside DIR/test): what a caller says about the split
+    val_carved: bool = True
+    # why a class has no training images left (a tiny class folder carved into the held-out splits), or '':
+    # training refuses such data; search and export only use the training split for BN statistics
+    untrained: str = ""
 
 
 __all__ = ["DEVICE_CACHE_BYTES", "IMAGENET_MEAN", "IMAGENET_STD", "Dataset", "ImageFolderSplit", "Split",

@@ -16,6 +16,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,12 @@ import numpy as np
 import pandas as pd
 
 from hwnas.blocks import build_block, build_network
-from hwnas.errors import LatencyTableError
-from hwnas.fileio import atomic_write_text, check_output_dir
+from hwnas.errors import HwnasError, LatencyTableError
+from hwnas.fileio import atomic_write_text, check_output_dir, display_path
 from hwnas.latency.quiet import QuietGuard
 from hwnas.latency.table import LatencyTable
+from hwnas.latency.table_files import table_lock
+from hwnas.latency.target import profile_command, shape_differs
 from hwnas.space import Arch, BlockSpec, SearchSpace
 
 CHUNK = 32  # blocks timed together in interleaved rounds (a round lasts about a second), and written together
@@ -37,9 +40,39 @@ CALIBRATION_COLUMNS = ("arch_id", "arch", "raw_ms", "median_ms", "p10_ms", "p90_
 TIMING_EXTRAS = ("rounds", "others_busy")  # kept where measured (tables from before have no such columns)
 
 
+def preset_shape(name: str) -> tuple[int, int] | None:
+    """(in_channels, num_classes) of the registered space `name` as built with no overrides; None when `name` is
+    not registered (a `package.module:factory` space, or one made in Python) or its factory needs arguments."""
+    from hwnas import spaces
+
+    if name not in spaces.names():
+        return None
+    try:
+        default = spaces.get(name)
+    except Exception:  # a user's factory that cannot be built without arguments has no default shape
+        return None
+    if not isinstance(default, SearchSpace) or default.name != name:
+        return None
+    return default.in_channels, default.num_classes
+
+
+def shape_suffix(space: SearchSpace) -> str:
+    """`__in<C>-cls<K>` when `space` takes another input-channel or class count than its preset's default, else "".
+
+    A space fitted to a dataset (`spaces.get('mbv3-32', in_channels=3, num_classes=4)`) has other stem
+    and head blocks than the preset: its table must not take (or clash with) the default table's name,
+    and the default-shaped name stays as it always was, so committed tables keep working.
+    """
+    default = preset_shape(space.name)
+    if default is None or default == (space.in_channels, space.num_classes):
+        return ""
+    return f"__in{space.in_channels}-cls{space.num_classes}"
+
+
 def table_path(out_dir: str | Path, space: SearchSpace, profile: Any, slug: str) -> Path:
-    """`<out_dir>/<space>/<device-slug>__<profile>.csv`: one file per (space, device, profile)."""
-    return Path(out_dir) / space.name / f"{slug}__{profile.name}.csv"
+    """`<out_dir>/<space>/<device-slug>__<profile>[__in<C>-cls<K>].csv`: one file per (space, shape, device,
+    profile); the shape is in the name only where it is not the preset's default (`shape_suffix`)."""
+    return Path(out_dir) / space.name / f"{slug}__{profile.name}{shape_suffix(space)}.csv"
 
 
 def calibration_path(path: str | Path) -> Path:
@@ -174,6 +207,10 @@ def _start_table(path: Path, space: SearchSpace, profile: Any, fp: dict[str, Any
     if resume and path.is_file():
         table = LatencyTable.load(path)
         identity, soft = table.target_differences(space, profile, fp)
+        if identity and shape_differs(table.meta, space):  # this file is taken: a space without a preset's default
+            raise LatencyTableError(f"{path}: cannot resume a table measured for another shape ({'; '.join(identity)})"
+                                    f": `{profile_command(table.meta, space)} --out OTHER_DIR` builds this shape's "
+                                    "table elsewhere, or --no-resume (resume=False) replaces this one")
         if identity:
             raise LatencyTableError(f"{path}: cannot resume a table measured for another target "
                                     f"({'; '.join(identity)}); start over with --no-resume (resume=False), "
@@ -182,37 +219,116 @@ def _start_table(path: Path, space: SearchSpace, profile: Any, fp: dict[str, Any
             warnings.warn(f"{path}: resuming a table measured with a difference: {diff}", stacklevel=3)
         return table
     cal_path.unlink(missing_ok=True)
-    table = LatencyTable.new(space, profile, fp, slug)
+    table = LatencyTable.new(space, profile, fp, slug, table_dir=path.parent)
     table.save(path)  # metadata with the fingerprint goes down before the first row
     return table
+
+
+def _complete(table: LatencyTable, space: SearchSpace, path: Path, calibration_subnets: int, seed: int) -> bool:
+    """Whether a resumed table already holds every block and the calibration asked for (fitted, not only
+    measured): then there is nothing to measure, and rewriting its files would only change what it says."""
+    if table.missing_keys(space):
+        return False
+    if calibration_subnets <= 0:
+        return True
+    wanted = {a.arch_id for a in calibration_archs(space, calibration_subnets, seed)}
+    fitted = set(table.calibration.get("arch_ids") or ())
+    return wanted <= fitted and wanted <= set(_read_calibration(calibration_path(path))["arch_id"])
+
+
+@dataclass(frozen=True)
+class ProfileRun:
+    """What one `profile_table` call did: the table's path and what it measured (nothing for a complete table)."""
+
+    path: Path
+    blocks_measured: int  # in this call
+    subnets_measured: int
+    complete_before: bool  # the table was already complete: nothing was measured and no file was written
+    blocks: int  # in the table
+    subnets: int  # its calibration was fitted on
+
+    def describe(self) -> str:
+        """One line on what happened to the table."""
+        if self.complete_before:
+            return (f"{display_path(self.path)} is complete ({self.blocks} blocks, {self.subnets} calibration "
+                    "subnets): nothing measured, nothing written")
+        return (f"{display_path(self.path)}: {self.blocks_measured} blocks and {self.subnets_measured} calibration "
+                f"subnets measured in this run ({self.blocks} blocks, {self.subnets} subnets in all)")
 
 
 def profile_space(space: SearchSpace, profile: Any, out_dir: str | Path = "latency_tables", *, resume: bool = True,
                   calibration_subnets: int = 30, seed: int = 0, progress: bool = True, rounds: int = 3,
                   backend: Any = None, on_row: Callable[[BlockSpec, Any], None] | None = None,
-                  guard: QuietGuard | None = None, max_rounds: int = MAX_ROUNDS) -> Path:
+                  guard: QuietGuard | None = None, max_rounds: int = MAX_ROUNDS, wait_lock: bool = False) -> Path:
+    """Measure every block of `space` (stem and head included) and calibrate on whole subnets; the CSV path.
+
+    `profile_table` with the same arguments (see there), printing to stderr, with `progress`, that a
+    complete table was left as it is.
+    """
+    done = profile_table(space, profile, out_dir, resume=resume, calibration_subnets=calibration_subnets, seed=seed,
+                         progress=progress, rounds=rounds, backend=backend, on_row=on_row, guard=guard,
+                         max_rounds=max_rounds, wait_lock=wait_lock)
+    if progress and done.complete_before:
+        print(done.describe(), file=sys.stderr)
+    return done.path
+
+
+def profile_table(space: SearchSpace, profile: Any, out_dir: str | Path = "latency_tables", *, resume: bool = True,
+                  calibration_subnets: int = 30, seed: int = 0, progress: bool = True, rounds: int = 3,
+                  backend: Any = None, on_row: Callable[[BlockSpec, Any], None] | None = None,
+                  guard: QuietGuard | None = None, max_rounds: int = MAX_ROUNDS, wait_lock: bool = False
+                  ) -> ProfileRun:
     """Measure every block of `space` (stem and head included) and calibrate on whole subnets.
 
-    Returns the CSV path. At least `rounds` interleaved passes per block, more (up to `max_rounds`)
-    until its quickest two agree (`time_interleaved`); `on_row` is called after each block's row is
-    on disk (a progress hook, also used to interrupt in tests). `guard` (a `QuietGuard`) waits for a
-    quiet machine before each group of blocks, records how busy it was beside every row and in the
+    The table goes to `table_path` (its name carries the space's shape where that is not the
+    preset's). At least `rounds` interleaved passes per block, more (up to `max_rounds`) until its
+    quickest two agree (`time_interleaved`); `on_row` is called after each block's row is on disk (a
+    progress hook, also used to interrupt in tests). `guard` (a `QuietGuard`) waits for a quiet
+    machine before each group of blocks, records how busy it was beside every row and in the
     metadata, and refuses (its policy) to write a group timed on a busy machine.
-    """
-    from tqdm import tqdm
 
+    With `resume`, a table of the same space, shape, profile and device carries on where it stopped;
+    one that is already complete (every block, and the `calibration_subnets` asked for fitted) is
+    left exactly as it is: nothing measured, no file written. The table is written under its
+    sidecar lock (`table_lock`): another process writing it is refused at once, or with `wait_lock`
+    waited for.
+    """
     from hwnas.latency.backends import get_backend
     from hwnas.latency.device import device_slug, fingerprint
 
-    clock = time.perf_counter()
+    if space.in_channels < 1 or space.num_classes < 1:
+        raise HwnasError(f"space '{space.name}': in_channels and num_classes must be >= 1, got "
+                         f"{space.in_channels} and {space.num_classes}")
     check_output_dir(out_dir)
     profile = resolve_profile(profile)
     backend = backend if backend is not None else get_backend(profile)
     fp = fingerprint(profile)
     slug = device_slug(fp)
     path = table_path(out_dir, space, profile, slug)
-    table = _start_table(path, space, profile, fp, slug, resume)
 
+    def waiting(holder: str) -> None:
+        print(f"{display_path(path)}: waiting for another hwnas profile ({holder}) to finish writing it",
+              file=sys.stderr)
+
+    with table_lock(path, wait=wait_lock, on_wait=waiting):
+        table = _start_table(path, space, profile, fp, slug, resume)
+        if resume and _complete(table, space, path, calibration_subnets, seed):
+            return ProfileRun(path, 0, 0, complete_before=True, blocks=len(table),
+                              subnets=int(table.calibration.get("n_subnets", 0)))
+        blocks, subnets = _measure(table, path, space, backend, calibration_subnets=calibration_subnets, seed=seed,
+                                   progress=progress, rounds=rounds, on_row=on_row, guard=guard,
+                                   max_rounds=max_rounds)
+    return ProfileRun(path, blocks, subnets, complete_before=False, blocks=len(table),
+                      subnets=int(table.calibration.get("n_subnets", 0)))
+
+
+def _measure(table: LatencyTable, path: Path, space: SearchSpace, backend: Any, *, calibration_subnets: int,
+             seed: int, progress: bool, rounds: int, on_row: Callable[[BlockSpec, Any], None] | None,
+             guard: QuietGuard | None, max_rounds: int) -> tuple[int, int]:
+    """The blocks `table` lacks, then the calibration subnets; written as they go. (blocks, subnets) measured."""
+    from tqdm import tqdm
+
+    clock = time.perf_counter()
     specs = space.all_blocks()
     todo = [spec for spec in specs if spec.key not in table]
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=f"blocks {space.name}", unit="block",
@@ -244,6 +360,7 @@ def profile_space(space: SearchSpace, profile: Any, out_dir: str | Path = "laten
         done_ids = set(rows["arch_id"])
         archs = calibration_archs(space, calibration_subnets, seed)
         todo_archs = [a for a in archs if a.arch_id not in done_ids]
+        subnets_now = len(todo_archs)
 
         def write(chunk: list[tuple[Arch, Any]]) -> None:
             nonlocal rows
@@ -258,6 +375,7 @@ def profile_space(space: SearchSpace, profile: Any, out_dir: str | Path = "laten
         measured = [(wanted[i], float(v)) for i, v in zip(rows["arch_id"], rows[stat], strict=True) if i in wanted]
         table.fit_calibration(measured)
     else:
+        subnets_now = 0
         cal_path.unlink(missing_ok=True)
         table.fit_calibration([])
     _account(table, time.perf_counter() - clock, 0)
@@ -276,7 +394,7 @@ def profile_space(space: SearchSpace, profile: Any, out_dir: str | Path = "laten
               f"calibration {cal['kind']}"
               + (f", in-sample MAPE {resid['mape_pct']:.2f} %" if "mape_pct" in resid else ""),
               file=sys.stderr)
-    return path
+    return measured_now, subnets_now
 
 
 def _account(table: LatencyTable, seconds: float, blocks: int) -> None:

@@ -70,6 +70,7 @@ class DeviceProfile:
     description: str = ""
     round_ms: int = 0  # > 0: a round times at most this many ms of calls (at least 10): big models cost what small do
     path: Path | None = field(default=None, compare=False)
+    toml_sha256: str = field(default="", compare=False)  # of the file's bytes as read; "" when not read from one
 
     def __post_init__(self) -> None:
         if not self.device and isinstance(self.backend, str):
@@ -97,14 +98,44 @@ class DeviceProfile:
     @property
     def digest(self) -> str:
         """A hash of the settings (not of the file: comments and layout do not count), short and stable."""
-        settings = {k: v for k, v in self.to_dict().items() if k != "path"}
+        settings = {k: v for k, v in self.to_dict().items() if k not in ("path", "toml_sha256")}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
-    def to_record(self) -> dict[str, Any]:
-        """What a table's metadata records: the settings by value, named and hashed, without this machine's path."""
-        data = {k: v for k, v in self.to_dict().items() if k != "path"}
+    def to_record(self, table_dir: str | Path | None = None) -> dict[str, Any]:
+        """What a table's metadata records: the settings by value, named and hashed, never this machine's path.
+
+        A table travels to other machines and into the repository, so the profile is identified by its
+        name, the digest of its settings (`digest`) and the sha256 of the TOML file's bytes
+        (`toml_sha256`: which file exactly, comments included), plus where the file lies relative to
+        the repository or to the table (`recorded_file`); an absolute path would name only the
+        machine that wrote it.
+        """
+        data = {k: v for k, v in self.to_dict().items() if k not in ("path", "toml_sha256")}
         data["digest"] = self.digest
+        if self.toml_sha256:
+            data["toml_sha256"] = self.toml_sha256
+        if self.path is not None:
+            data["file"], data["file_relative_to"] = recorded_file(self.path, table_dir)
         return data
+
+
+def recorded_file(path: Path, table_dir: str | Path | None = None) -> tuple[str, str]:
+    """(path, what it is relative to) of a profile file as a table records it. Never absolute.
+
+    Relative to the repository when the file lies in it; else relative to the table's folder
+    `table_dir` (`<root>/<space>`) when the file lies in the folder that holds the tables' root (a
+    project's `profiles/` beside its `latency_tables/`: `../../profiles/p.toml`); else only the
+    file's name, since a path climbing out of the project would name this machine's layout.
+    """
+    here = path.resolve()
+    repository = PROFILE_DIR.parent.resolve()
+    if here.is_relative_to(repository):
+        return here.relative_to(repository).as_posix(), "repository"
+    if table_dir is not None:
+        folder = Path(table_dir).resolve()
+        if here.is_relative_to(folder.parent.parent):
+            return Path(os.path.relpath(here, folder)).as_posix(), "table"
+    return path.name, "name only"
 
 
 def _display(path: Path) -> str:
@@ -206,20 +237,22 @@ def load_profile(path_or_name: str | Path) -> DeviceProfile:
     path = _resolve(path_or_name)
     where = _display(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ProfileError(f"{where}: no such profile file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{where}: cannot read the profile ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{where}: not valid TOML: {exc}") from None
-    return profile_from_dict(data, path)
+    # the digest of the bytes parsed (not of the file read again later): what a table records as its profile's file
+    return profile_from_dict(data, path, toml_sha256=hashlib.sha256(raw).hexdigest())
 
 
-def profile_from_dict(data: Mapping[str, Any], path: Path | None = None) -> DeviceProfile:
+def profile_from_dict(data: Mapping[str, Any], path: Path | None = None, *, toml_sha256: str = "") -> DeviceProfile:
     """A validated profile from parsed TOML (or JSON) values; `name` defaults to the file's stem."""
     where = _display(path) if path is not None else "profile"
-    known = {f.name for f in fields(DeviceProfile)} - {"path"}
+    known = {f.name for f in fields(DeviceProfile)} - {"path", "toml_sha256"}
     for key in data:
         if key not in known:
             raise _fail(where, key, f"unknown field; known fields: {', '.join(sorted(known))}")
@@ -233,4 +266,4 @@ def profile_from_dict(data: Mapping[str, Any], path: Path | None = None) -> Devi
         kwargs["name"] = path.stem
     if "expect" in kwargs and isinstance(kwargs["expect"], Mapping):
         kwargs["expect"] = dict(kwargs["expect"])
-    return DeviceProfile(**kwargs, path=path)
+    return DeviceProfile(**kwargs, path=path, toml_sha256=toml_sha256)

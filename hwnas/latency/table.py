@@ -58,14 +58,17 @@ class LatencyTable:
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
     def new(cls, space: SearchSpace, profile: Any = None, fingerprint: Mapping[str, Any] | None = None,
-            device_slug: str | None = None) -> LatencyTable:
-        """An empty table for `space`, measured with `profile` on the device `fingerprint` describes."""
+            device_slug: str | None = None, *, table_dir: str | Path | None = None) -> LatencyTable:
+        """An empty table for `space`, measured with `profile` on the device `fingerprint` describes.
+
+        `table_dir` (where it will be saved) lets the profile's file be recorded relative to the table.
+        """
         from hwnas import __version__
 
         meta = {
             "format_version": FORMAT_VERSION,
             "space": _jsonable(space.to_dict()),
-            "profile": _target.profile_dict(profile),
+            "profile": _target.profile_dict(profile, table_dir),
             "fingerprint": _jsonable(dict(fingerprint or {})),
             "device_slug": device_slug or "unknown",
             "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

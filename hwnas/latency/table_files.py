@@ -3,13 +3,18 @@
 `<device-slug>__<profile>.csv` holds one row per block key (COLUMNS, and OPTIONAL_COLUMNS where
 kept); `<same>.meta.json` beside it holds META_FIELDS (and provenance: date, hwnas version, commit).
 A file that is missing a field or holds a malformed value is a LatencyTableError naming the file and
-the field, never a crash at the first prediction.
+the field, never a crash at the first prediction. `<same>.lock` exists while a profiler writes the
+table (`table_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from hwnas.errors import LatencyTableError
+from hwnas.fileio import display_path
 
 FORMAT_VERSION = 1
 KINDS = ("stem", "first", "mbconv", "head")  # BlockSpec kinds: the values of the column 'kind'
@@ -29,6 +35,68 @@ def meta_path_for(csv_path: str | Path) -> Path:
     """The metadata file beside a table's CSV."""
     path = Path(csv_path)
     return path.with_name(path.name.removesuffix(".csv") + ".meta.json")
+
+
+def lock_path_for(csv_path: str | Path) -> Path:
+    """The lock file beside a table's CSV, held while a profiler writes the table."""
+    path = Path(csv_path)
+    return path.with_name(path.name.removesuffix(".csv") + ".lock")
+
+
+def _holder(fd: int) -> str:
+    """The pid the lock's holder wrote into the lock file ("pid unknown" in the instant before it wrote it)."""
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return f"pid {text}" if text.isdigit() else "pid unknown"
+
+
+@contextlib.contextmanager
+def table_lock(csv_path: str | Path, *, wait: bool = False,
+               on_wait: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Hold the sidecar lock `<table>.lock` while the block writes the table at `csv_path`.
+
+    Two profilers writing one table would each rewrite the other's rows. The lock is `fcntl.flock` on
+    the sidecar file, so the kernel drops it when its process dies: a killed run leaves at most a
+    file that no one holds, never a stale lock that blocks the next run. Held elsewhere, the lock is
+    refused at once in one line naming the table and the holder's pid, or with `wait` waited for
+    (`on_wait` is told the holder first). The file is removed on the way out, while still held;
+    whoever was waiting then finds its file unlinked and locks the one at the path instead.
+    """
+    lock = lock_path_for(csv_path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                if not wait:
+                    raise LatencyTableError(
+                        f"{display_path(csv_path)}: another hwnas profile ({holder}) is writing this table "
+                        f"(lock {lock.name}); wait for it to finish, or pass --wait-lock (wait_lock=True) to "
+                        "wait for it") from None
+                if on_wait is not None:
+                    on_wait(holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            here = os.fstat(fd)
+            try:
+                there = os.stat(lock)
+            except FileNotFoundError:
+                there = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if there is not None and (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino):
+            break
+        os.close(fd)  # the holder removed the file we waited on: lock the one at the path now
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
 
 
 def read_meta(meta_path: Path) -> dict[str, Any]:

@@ -22,15 +22,46 @@ PROFILE_IDENTITY_FIELDS = ("backend", "precision", "batch_size", "threads", "sta
 PROFILE_SOFT_FIELDS = ("name", "warmup", "repeats", "round_ms")
 
 MISMATCH_HINT = "pass allow_mismatch=True (CLI: --allow-mismatch) to use it anyway"
+# The fields of a space that fit it to a dataset: they change the stem's and the head's blocks, so a table of
+# another shape lacks this space's keys and cannot be used even with allow_mismatch.
+SHAPE_FIELDS = ("in_channels", "num_classes")
 
 
-def profile_dict(profile: Any) -> dict[str, Any] | None:
-    """A profile as a table's metadata records it (plain JSON values); None stays None."""
+def profile_dict(profile: Any, table_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """A profile as a table's metadata records it (plain JSON values); None stays None.
+
+    `table_dir`, the table's folder, lets a `DeviceProfile` record its file relative to the table.
+    """
     if profile is None:
         return None
     record = getattr(profile, "to_record", None)
-    data: dict[str, Any] = jsonable(record() if callable(record) else profile)
+    if callable(record):
+        data: dict[str, Any] = jsonable(record(table_dir) if table_dir is not None else record())
+    else:
+        data = jsonable(profile)
     return data
+
+
+def shape_differs(meta: Mapping[str, Any], space: SearchSpace) -> bool:
+    """Whether the table (metadata `meta`) was measured for `space` fitted to another dataset: another input-channel
+    or class count, and nothing else of the space different (another space needs another advice)."""
+    diffs = space_differences(meta.get("space") or {}, space.to_dict())
+    shape = [f"space {name} " for name in SHAPE_FIELDS]
+    return bool(diffs) and all(any(d.startswith(prefix) for prefix in shape) for d in diffs)
+
+
+def profile_command(meta: Mapping[str, Any], space: SearchSpace) -> str:
+    """The `hwnas profile` line that builds a table of `space`'s shape with the profile `meta`'s table used."""
+    name = (meta.get("profile") or {}).get("name") or "PROFILE"
+    return (f"hwnas profile --profile {name} --space {space.name} --in-channels {space.in_channels} "
+            f"--num-classes {space.num_classes}")
+
+
+def shape_advice(meta: Mapping[str, Any], space: SearchSpace) -> str:
+    """What to do about a table of another shape: it holds no block of this space's stem or head, so using it
+    anyway (allow_mismatch) cannot work; a table of this shape can be built."""
+    return (f"its stem and head are for another input or class count: build a table of this space's shape with "
+            f"`{profile_command(meta, space)}` (or --like SUPERNET.pt)")
 
 
 def space_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -83,6 +114,9 @@ def check_target(meta: Mapping[str, Any], space: SearchSpace | None = None, prof
     identity, soft = target_differences(meta, space, profile, fingerprint)
     if identity and not allow_mismatch:
         where = f"{path}: " if path else ""
+        if space is not None and shape_differs(meta, space):  # allow_mismatch cannot help: the keys differ
+            raise LatencyTableError(f"{where}table was measured for another target ({'; '.join(identity)}); "
+                                    f"{shape_advice(meta, space)}")
         redo = ""
         if fingerprint is not None and any(d.startswith("device ") for d in identity):
             name = (meta.get("profile") or {}).get("name") or "PROFILE"

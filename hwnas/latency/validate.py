@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from hwnas.errors import LatencyTableError
-from hwnas.fileio import atomic_write_text, check_output_dir
+from hwnas.fileio import atomic_write_text, check_output_dir, recorded_path
 from hwnas.latency.profiler import calibration_archs, measure_subnets
 from hwnas.latency.quiet import QuietGuard
 from hwnas.latency.table import LatencyTable
@@ -113,6 +113,7 @@ def validate_table(table: LatencyTable | str | Path, space: SearchSpace | None =
     """
     from hwnas.flops import arch_flops
 
+    out = check_output_dir(out_dir) if out_dir is not None else None  # before any work
     if not isinstance(table, LatencyTable):
         table = LatencyTable.load(table)
     space = space if space is not None else table.space
@@ -138,7 +139,6 @@ def validate_table(table: LatencyTable | str | Path, space: SearchSpace | None =
     exclude = set(table.calibration.get("arch_ids", []))
     archs = calibration_archs(space, n, seed, exclude=exclude)
     statistic = table.statistic
-    out = check_output_dir(out_dir) if out_dir is not None else None
     done = _read_partial(out, table, seed, statistic) if (out is not None and resume) else {}
     todo = [a for a in archs if a.arch_id not in done]
     if not measure:
@@ -213,7 +213,9 @@ def _write_outputs(report: ValidationReport, out: Path) -> None:
     report.files = {k: v.name for k, v in files.items()}  # beside validation.json: names, not this machine's paths
     atomic_write_text(files["csv"], report.rows.to_csv(index=False, float_format="%.6g"))
     _plot(report, files["png"])
-    atomic_write_text(files["json"], json.dumps(report.to_dict(), indent=2) + "\n")
+    data = report.to_dict()
+    data["table"] = recorded_path(report.table, out)  # relative to validation.json: it travels with the table
+    atomic_write_text(files["json"], json.dumps(data, indent=2) + "\n")
 
 
 def _plot(report: ValidationReport, path: Path) -> None:

@@ -14,149 +14,29 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from hwnas.errors import ArchError, HwnasError
-from hwnas.fileio import atomic_write_text, check_output_dir
+from hwnas.errors import ArchError, BudgetError, HwnasError
+from hwnas.fileio import atomic_write_text, check_output_dir, display_path, recorded_path
 from hwnas.runrecord import BEST_NAME, FAMILY_NAME, FamilyEntry, RunRecord, write_family
 from hwnas.search import check_budget, confirm, get_strategy, random_search
 from hwnas.search.journal import JOURNAL_NAME, EvaluationJournal, JournaledEvaluator, file_digest, table_identity
+from hwnas.search.request import DRIFT_MODES, SearchRequest, check_margin
 from hwnas.search.result import SearchResult
 
 if TYPE_CHECKING:
-    from hwnas.data import Dataset
     from hwnas.latency.table import LatencyTable
     from hwnas.space import Arch, SearchSpace
 
 Log = Callable[[str], None]
-DRIFT_MODES = ("off", "warn", "correct")
-
-
 def _stderr_warning(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
-
-@dataclass
-class SearchRequest:
-    """What to search: a supernet checkpoint, latency tables (paths or loaded tables) and budgets, and how.
-
-    One search runs per (table, budget); with more than one they form a family under `out`. The
-    fields mirror `hwnas search`'s options (its --help says what each does); `check()` refuses
-    values that cannot work, in one line naming the option.
-    """
-
-    budgets_ms: Sequence[float]
-    supernet: Path | None = None  # a trained supernet scores the archs; or `evaluator`
-    tables: Sequence[str | Path | LatencyTable] = ()  # latency tables predict; or `latency`
-    space: str | None = None  # a preset or package.module:factory; default: the supernet's own
-    evaluator: Any = None  # package.module:factory (called with the space) or an AccuracyEvaluator
-    latency: Any = None  # package.module:factory (called with the space) or a LatencyModel
-    strategy: str = "evolution"
-    queries: int = 200
-    population: int | None = None
-    steps: int | None = None  # differentiable only
-    reward: str | None = None  # differentiable only
-    finetune: bool = False  # differentiable only
-    data: str | Dataset | None = None  # default: the dataset the checkpoint was trained on
-    val_size: int = 5000
-    val_batches: int | None = None
-    batch_size: int = 500
-    bn_batches: int = 8
-    bn_batch_size: int = 256
-    predictor: bool = False
-    predictor_kind: str = "auto"
-    predictor_queries: int = 10000
-    confirm: int | None = None
-    seed_from: Path | None = None
-    out: Path | None = None
-    force: bool = False
-    resume: bool = False
-    seed: int = 0
-    allow_mismatch: bool = False
-    margin: float = 0.0
-    measure_top: int = 0
-    drift: str = "off"
-    device: str = "auto"
-    progress: bool = True
-    time_limit: float | None = None  # seconds per search (each stops at its next generation once over)
-    patience: int | None = None  # evolution / nsga: stop after this many generations without a better arch
-
-    def check(self) -> SearchRequest:
-        """Refuse settings that cannot work, before anything is loaded or evaluated."""
-        for name in ("queries", "batch_size", "bn_batches", "bn_batch_size", "predictor_queries", "val_size"):
-            if getattr(self, name) < 1:
-                raise HwnasError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name, least in (("population", 2), ("val_batches", 1)):
-            value = getattr(self, name)
-            if value is not None and value < least:
-                raise HwnasError(f"--{name.replace('_', '-')} is too small: {value}")
-        check_margin(self.margin)
-        if self.measure_top < 0:
-            raise HwnasError(f"--measure-top must be >= 0, got {self.measure_top}")
-        if self.drift not in DRIFT_MODES:
-            raise HwnasError(f"--drift must be one of {', '.join(DRIFT_MODES)}, got {self.drift!r}")
-        if self.confirm is not None and not 1 <= self.confirm < self.queries:
-            raise HwnasError(f"--confirm must lie in 1..queries-1 ({self.queries - 1}), got {self.confirm}")
-        if self.predictor and self.queries < 10:
-            raise HwnasError(f"--predictor needs --queries >= 10 (training pairs plus confirmations), "
-                             f"got {self.queries}")
-        given = [name for name in ("steps", "reward") if getattr(self, name) is not None] + \
-            (["finetune"] if self.finetune else [])
-        if given and self.strategy != "differentiable":
-            raise HwnasError(f"--{given[0]} applies to --strategy differentiable only")
-        if self.steps is not None and self.steps < 0:
-            raise HwnasError(f"--steps must be >= 0, got {self.steps}")
-        if self.finetune and (self.predictor or self.reward == "evaluator"):
-            raise HwnasError("--finetune scores subnets on batches with the weights it trains: it takes neither "
-                             "--predictor nor --reward evaluator")
-        if self.finetune and self.resume:
-            raise HwnasError("--finetune changes the shared weights as it searches, so a killed run cannot be "
-                             "replayed: it takes no --resume (run it again with --force)")
-        if not self.budgets_ms:
-            raise HwnasError("a search needs at least one budget (--budget-ms)")
-        if (self.supernet is None) == (self.evaluator is None):
-            raise HwnasError("give --supernet CKPT (the archs are scored on it) or --evaluator MODULE:FACTORY "
-                             "(your own), one of the two")
-        if not self.tables and self.latency is None:
-            raise HwnasError("give --table CSV (a latency table) or --latency MODULE:FACTORY (your own latency model)")
-        if self.evaluator is not None and self.space is None:
-            raise HwnasError("--evaluator needs --space (a preset or package.module:factory): there is no supernet "
-                             "to take the space from")
-        if self.latency is not None and (self.drift != "off" or self.measure_top):
-            raise HwnasError("--drift and --measure-top time subnets on the device of a latency table; a latency "
-                             "model of your own (--latency) has no device to time on")
-        if self.evaluator is not None and (self.finetune or self.reward == "batch"):
-            raise HwnasError("--finetune and --reward batch train or score a supernet's weights: they need --supernet")
-        if self.patience is not None and (self.patience < 1 or self.strategy not in ("evolution", "nsga")):
-            raise HwnasError(f"--patience needs evolution or nsga and at least 1 generation, got {self.patience} "
-                             f"with {self.strategy}")
-        if self.time_limit is not None and self.time_limit <= 0:
-            raise HwnasError(f"--time-limit must be a positive number of seconds, got {self.time_limit}")
-        get_strategy(self.strategy)
-        return self
-
-    @property
-    def family(self) -> bool:
-        return len(self.tables) * len(self.budgets_ms) > 1
-
-    def out_dir(self) -> Path:
-        """`out`, or results/<strategy>-<budget>ms-seed<S> (results/<strategy>-family-seed<S> for a family)."""
-        if self.out is not None:
-            return Path(self.out)
-        name = f"{self.strategy}-family-seed{self.seed}" if self.family else \
-            f"{self.strategy}-{float(self.budgets_ms[0]):g}ms-seed{self.seed}"
-        return Path("results") / name
-
-
-def check_margin(margin: float) -> None:
-    """A guard band is a fraction of the budget; above half it would leave no search."""
-    if not 0.0 <= margin < 0.5:
-        raise HwnasError(f"--margin is a fraction of the budget in [0, 0.5), got {margin}")
 
 
 @dataclass
@@ -239,7 +119,6 @@ def run_search(request: SearchRequest, *, log: Log = print, warn: Log = _stderr_
     if request.latency is not None:
         model = _plugin(request.latency, "latency model", space)
         targets.append(Target(model, str(request.latency), "custom", None))
-    budgets = [float(b) for b in request.budgets_ms]
     for target in targets:
         if target.table is not None:
             for note in target.table.check_target(space, allow_mismatch=request.allow_mismatch):
@@ -249,17 +128,17 @@ def run_search(request: SearchRequest, *, log: Log = print, warn: Log = _stderr_
     if request.drift != "off":
         targets = [Target.of_table(_drift_checked(t.table, request.drift == "correct", journal, log, warn))
                    if t.table is not None else t for t in targets]
-    for target in targets:
-        for budget in budgets:  # every infeasible pair is refused before any evaluation
-            check_budget(space, target.model, budget * (1 - request.margin), seed=request.seed)
+    for index, target in enumerate(targets):
+        for budget in request.budgets_of(index):  # every infeasible pair is refused before any evaluation
+            _check_pair(space, target, budget, request)
     seeds = read_seed_population(request.seed_from, space) if request.seed_from is not None else []
     scored = journal.wrap(evaluator)
     if journal.known_at_start:
         log(f"resuming: {journal.known_at_start} evaluations of the interrupted search are replayed from "
             f"{journal.path}")
     outcomes = []
-    for target in targets:
-        for budget in budgets:
+    for index, target in enumerate(targets):
+        for budget in request.budgets_of(index):
             name = f"{target.device_slug}__{target.profile or 'model'}__{budget:g}ms" if request.family else None
             if name:
                 log(f"== {name}")
@@ -269,6 +148,17 @@ def run_search(request: SearchRequest, *, log: Log = print, warn: Log = _stderr_
     if request.family:
         run.family_files = _write_family(out, outcomes, scored.evaluations, request.supernet, log)
     return run
+
+
+def _check_pair(space: Any, target: Target, budget: float, request: SearchRequest) -> None:
+    """Refuse a budget the table's space cannot meet, naming the table and the feasible range."""
+    searched = budget * (1 - request.margin)
+    try:
+        check_budget(space, target.model, searched, seed=request.seed)
+    except BudgetError as exc:
+        guard = f" (the budget less the {request.margin:.0%} guard band)" if request.margin else ""
+        raise BudgetError(f"table {target.label}: {exc}{guard}; give this table a budget in that range "
+                          f"(--table {target.label}:MS)") from None
 
 
 def _plugin(value: Any, what: str, space: Any) -> Any:
@@ -321,7 +211,9 @@ def _journal(request: SearchRequest, out: Path, models: list[Any]) -> Evaluation
     identity: dict[str, Any] = {name: getattr(request, name) for name in keep}
     scorer = (f"{Path(request.supernet).name} {file_digest(Path(request.supernet))}" if request.supernet is not None
               else f"evaluator {request.evaluator!s}")
-    identity.update(budgets_ms=[float(b) for b in request.budgets_ms], supernet=scorer, space=request.space,
+    budgets: list[Any] = ([request.budgets_of(i) for i in range(len(models))] if request.table_budgets_ms else
+                          [float(b) for b in request.budgets_ms])
+    identity.update(budgets_ms=budgets, supernet=scorer, space=request.space,
                     tables=[table_identity(m) if hasattr(m, "meta") else {"latency": str(request.latency)}
                             for m in models],
                     data=request.data if isinstance(request.data, str) or request.data is None else
@@ -365,7 +257,7 @@ def _evaluator(request: SearchRequest, supernet: Any, state: dict[str, Any]) -> 
         dataset, data_spec = request.data, request.data.spec or request.data.name
     else:
         data_spec = request.data or str(state.get("dataset") or "fashion-mnist").split(" (", 1)[0]
-        dataset = load_dataset(data_spec, val_size=request.val_size, seed=0)
+        dataset = load_dataset(data_spec, val_size=_val_size(request, state), seed=0)
     if (dataset.in_channels, dataset.num_classes) != (space.in_channels, space.num_classes):
         raise HwnasError(f"dataset '{data_spec}' has {dataset.in_channels} channels and {dataset.num_classes} "
                          f"classes; the supernet expects {space.in_channels} and {space.num_classes}")
@@ -374,6 +266,17 @@ def _evaluator(request: SearchRequest, supernet: Any, state: dict[str, Any]) -> 
                                   bn_batch_size=request.bn_batch_size, device=resolve_device(request.device),
                                   seed=request.seed)
     return evaluator, data_spec
+
+
+def _val_size(request: SearchRequest, state: dict[str, Any]) -> int | float:
+    """The validation split to rank on: the one asked for, else the one the supernet was trained with.
+
+    A search on another split than training's would score subnets on images the supernet trained on.
+    """
+    if request.val_size is not None:
+        return request.val_size
+    recorded = state.get("val_size")
+    return recorded if isinstance(recorded, int | float) and not isinstance(recorded, bool) else 5000
 
 
 def _strategy_options(request: SearchRequest) -> dict[str, Any]:
@@ -405,7 +308,9 @@ def _search_one(request: SearchRequest, space: Any, target: Target, user_budget:
         log("  (every subnet is within the budget: the search is unconstrained)")
     before = evaluator.evaluations
     context: dict[str, Any] = {
-        "supernet": None if request.supernet is None else str(request.supernet), "table": target.label,
+        # paths relative to best.json's folder: the record still names its files after the tree is copied
+        "supernet": None if request.supernet is None else recorded_path(request.supernet, out),
+        "table": target.label if target.table is None else recorded_path(target.label, out),
         "device_slug": target.device_slug, "dataset": data_spec,
         "validation_images": getattr(evaluator, "images", None), "val_size": request.val_size,
         "val_batches": request.val_batches, "batch_size": request.batch_size, "bn_batches": request.bn_batches,
@@ -451,7 +356,7 @@ def _search_one(request: SearchRequest, space: Any, target: Target, user_budget:
         result = _measured(result, target.table, budget, request.measure_top, log, warn)
         context["measured_pick"] = result.info["measured_pick"]
     if result.supernet_state is not None and request.supernet is not None:
-        context["finetuned_supernet"] = str(_save_finetuned(request.supernet, result, out))
+        context["finetuned_supernet"] = recorded_path(_save_finetuned(request.supernet, result, out), out)
     record = RunRecord.from_result(result, **context)
     files = write_report(result, out, record)
     if result.best_row is None:
@@ -467,8 +372,9 @@ def _search_one(request: SearchRequest, space: Any, target: Target, user_budget:
     log(f"  best:    {files['best.json']}")
     log(f"  summary: {files['summary.md']}")
     if record.finetuned_supernet is not None:
-        log(f"  weights: {record.finetuned_supernet} (fine-tuned: export the best arch with these, "
-            f"hwnas export --supernet {record.finetuned_supernet} --arch {files['best.json']})")
+        weights = display_path(out / record.finetuned_supernet)
+        log(f"  weights: {weights} (fine-tuned: export the best arch with these, "
+            f"hwnas export --supernet {weights} --arch {files['best.json']})")
     return SearchOutcome(name=name, directory=out, target=target, budget_ms=user_budget, result=result, record=record,
                          files=files)
 
@@ -504,7 +410,8 @@ def _write_family(out: Path, outcomes: list[SearchOutcome], evaluations: int, su
     entries = []
     for o in outcomes:
         r = o.record
-        entries.append(FamilyEntry(dir=str(o.name), table=o.target.label, device_slug=o.target.device_slug,
+        table = o.target.label if o.target.table is None else recorded_path(o.target.label, out)
+        entries.append(FamilyEntry(dir=str(o.name), table=table, device_slug=o.target.device_slug,
                                    profile=o.target.profile, budget_ms=o.budget_ms,
                                    best_arch_id=r.arch_id, predicted_latency_ms=r.predicted_latency_ms,
                                    accuracy=r.accuracy))
@@ -517,7 +424,9 @@ def _write_family(out: Path, outcomes: list[SearchOutcome], evaluations: int, su
                       f"({evaluations} supernet evaluations in all, shared through the cache).\n\n```\n{text}\n```\n")
     log(f"\ndeploy family ({len(entries)} searches, {evaluations} supernet evaluations):")
     log(text)
-    log(f"wrote {family} and {markdown}; export all with: hwnas export --supernet {supernet} --arch {out}")
+    hint = "" if supernet is None else \
+        f"; export all with: hwnas export --supernet {display_path(supernet)} --arch {display_path(out)}"
+    log(f"wrote {family} and {markdown}{hint}")
     return [family, markdown]
 
 
