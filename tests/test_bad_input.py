@@ -257,6 +257,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("profile-out-is-a-file", [*PROFILE, "--profile", "cpu-onnxruntime", "--out", "{afile}"], "is a file"),
     ("validate-out-is-a-file", [*VALIDATE, "--table", T, "--out", "{afile}"], "is a file"),
     ("demo-out-in-sys", ["demo", "--out", "/sys/hwnas-bad-input"], "/sys"),
+    ("export-out-dev-full", [*EXPORT, "--out", "/dev/full"], "is a file"),
+    ("train-out-under-dev-null", [*TRAIN[:-1], "/dev/null/run"], "is a file"),
 ]
 
 

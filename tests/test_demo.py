@@ -23,7 +23,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_demo_searches_exports_and_prints_the_summary(out: Path) -> None:
     tmp_path = out
-    proc = _demo("--queries", "6", "--val-images", "500", "--out", str(tmp_path))
+    proc = _demo("--queries", "6", "--val-images", "500", "--measure-top", "2", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "meas/budget", "demo finished in"):
@@ -37,7 +37,7 @@ def test_demo_searches_exports_and_prints_the_summary(out: Path) -> None:
     assert report["measured_ms"] > 0 and report["ort_max_abs_diff"] <= 1e-4
     assert (tmp_path / "export" / report["onnx_path"]).is_file()  # named relative to deploy.json's folder
     picked = best["measured_pick"]  # the top candidates were timed here before the export
-    assert "in-budget candidates on this device: kept" in out and 1 <= picked["timed"] <= 5
+    assert "in-budget candidates on this device: kept" in out and 1 <= picked["timed"] <= 2
     assert picked["measured_ms"] > 0
     assert (best["arch_id"] == picked["table_best"]) == (picked["picked_rank"] == 0)
     if "  reused " in out:  # a committed table is checked for drift first
