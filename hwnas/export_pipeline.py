@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hwnas.data.readers import check_val_size
 from hwnas.errors import ArchError, CheckpointError, HwnasError
 from hwnas.fileio import check_output_dir, display_path, resolve_recorded
 from hwnas.runrecord import BEST_NAME, FAMILY_NAME, RunRecord, read_family
@@ -101,10 +102,7 @@ class ExportRequest:
         if self.test_batches is not None and self.test_batches < 1:
             raise HwnasError(f"--test-batches must be >= 1 (leave it out for the whole test split), got "
                              f"{self.test_batches}")
-        if self.val_size is not None and (isinstance(self.val_size, bool) or not (
-                0 < self.val_size < 1 or (self.val_size >= 1 and float(self.val_size).is_integer()))):
-            raise HwnasError(f"--val-size must be a number of images (>= 1) or a fraction in (0, 1), "
-                             f"got {self.val_size}")
+        check_val_size(self.val_size)
         self.int8_settings()  # a bad method or count is refused before any work
         if self.onnx_int8 and self.data == "none":
             raise HwnasError("an int8 ONNX file is calibrated on training images: give the dataset (--data), "

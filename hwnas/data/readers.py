@@ -87,6 +87,16 @@ def default_val_count(total: int) -> int:
     return max(1, min(DEFAULT_VAL_SIZE, int(total * DEFAULT_VAL_FRACTION)))
 
 
+def check_val_size(val_size: int | float | None) -> None:
+    """Refuse a `--val-size` that is neither a count (a whole number >= 1) nor a fraction in (0, 1), before any
+    data is read; None (the default) passes. Train, search and export requests all check it here."""
+    if val_size is None:
+        return
+    if isinstance(val_size, bool) or not isinstance(val_size, int | float) or not (
+            0 < val_size < 1 or (val_size >= 1 and float(val_size).is_integer())):
+        raise DataError(f"--val-size must be a number of images (>= 1) or a fraction in (0, 1), got {val_size}")
+
+
 def _val_count(val_size: int | float | None, total: int, where: object) -> int:
     """How many of `total` training images `val_size` holds out; every refusal advises a value that would work."""
     if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, int | float)):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hwnas.data.readers import check_val_size
 from hwnas.errors import HwnasError
 from hwnas.search import get_strategy
 
@@ -75,9 +76,7 @@ class SearchRequest:
         for name in ("queries", "batch_size", "bn_batches", "bn_batch_size", "predictor_queries"):
             if getattr(self, name) < 1:
                 raise HwnasError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.val_size is not None and not (0 < self.val_size < 1 or self.val_size >= 1 and self.val_size % 1 == 0):
-            raise HwnasError(f"--val-size must be a number of images (>= 1) or a fraction in (0, 1), "
-                             f"got {self.val_size}")
+        check_val_size(self.val_size)
         for name, least in (("population", 2), ("val_batches", 1)):
             value = getattr(self, name)
             if value is not None and value < least:
