@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hwnas.data.readers import check_val_size
+from hwnas.data.readers import check_val_size, first_val_size
 from hwnas.errors import ArchError, CheckpointError, HwnasError
 from hwnas.fileio import check_output_dir, display_path, resolve_recorded
 from hwnas.runrecord import BEST_NAME, FAMILY_NAME, RunRecord, read_family
@@ -272,19 +272,11 @@ def _dataset(spec: str | None, state: dict[str, Any], record: RunRecord, space: 
         return None
     from hwnas.data import load_dataset
 
-    dataset = load_dataset(data_spec, val_size=_val_size(val_size, record, state), seed=0)
+    dataset = load_dataset(data_spec, val_size=first_val_size(val_size, record.val_size, state.get("val_size")), seed=0)
     if (dataset.in_channels, dataset.num_classes) != (space.in_channels, space.num_classes):
         raise HwnasError(f"dataset '{data_spec}' has {dataset.in_channels} channels and {dataset.num_classes} "
                          f"classes; the supernet expects {space.in_channels} and {space.num_classes}")
     return dataset
-
-
-def _val_size(given: int | float | None, record: RunRecord, state: dict[str, Any]) -> int | float:
-    """The first of --val-size, the record's and the checkpoint's that is set; a whole number is a count."""
-    for value in (given, record.val_size, state.get("val_size")):
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return int(value) if float(value).is_integer() else float(value)
-    return 5000
 
 
 def _table(path: str | Path | None, space: SearchSpace, profile: DeviceProfile | None, allow_mismatch: bool,

@@ -49,7 +49,10 @@ def test_without_val_size_the_export_carves_the_split_the_checkpoint_was_trained
 
 
 def test_val_size_is_the_flag_else_the_record_else_the_checkpoint_else_5000() -> None:
-    from hwnas.export_pipeline import _val_size
+    from hwnas.data.readers import first_val_size
+
+    def _val_size(given: object, record: RunRecord, state: dict) -> int | float:  # the export's order
+        return first_val_size(given, record.val_size, state.get("val_size"))
 
     record = RunRecord(arch=SMALLEST, val_size=4000)
     assert _val_size(1000, record, {"val_size": 3000}) == 1000

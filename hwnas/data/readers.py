@@ -97,6 +97,19 @@ def check_val_size(val_size: int | float | None) -> None:
         raise DataError(f"--val-size must be a number of images (>= 1) or a fraction in (0, 1), got {val_size}")
 
 
+LEGACY_VAL_SIZE = 5000  # what every checkpoint trained before checkpoints recorded their split held out
+
+
+def first_val_size(*candidates: object) -> int | float:
+    """The first of `candidates` that is a `--val-size` (a count or a fraction; a whole number as a count), else
+    `LEGACY_VAL_SIZE`. Search and export hold out the split asked for, else the one the run record or the
+    checkpoint says training held out, so that they never score subnets on images the supernet trained on."""
+    for value in candidates:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return int(value) if float(value).is_integer() else float(value)
+    return LEGACY_VAL_SIZE
+
+
 def _val_count(val_size: int | float | None, total: int, where: object) -> int:
     """How many of `total` training images `val_size` holds out; every refusal advises a value that would work."""
     if val_size is not None and (isinstance(val_size, bool) or not isinstance(val_size, int | float)):

@@ -249,6 +249,7 @@ def _watch(warn: Log) -> Any:
 
 def _evaluator(request: SearchRequest, supernet: Any, state: dict[str, Any]) -> tuple[Any, str]:
     from hwnas.data import Dataset, load_dataset
+    from hwnas.data.readers import first_val_size
     from hwnas.evaluation import resolve_device
     from hwnas.search.evaluate import SupernetEvaluator
 
@@ -257,7 +258,7 @@ def _evaluator(request: SearchRequest, supernet: Any, state: dict[str, Any]) -> 
         dataset, data_spec = request.data, request.data.spec or request.data.name
     else:
         data_spec = request.data or str(state.get("dataset") or "fashion-mnist").split(" (", 1)[0]
-        dataset = load_dataset(data_spec, val_size=_val_size(request, state), seed=0)
+        dataset = load_dataset(data_spec, val_size=first_val_size(request.val_size, state.get("val_size")), seed=0)
     if (dataset.in_channels, dataset.num_classes) != (space.in_channels, space.num_classes):
         raise HwnasError(f"dataset '{data_spec}' has {dataset.in_channels} channels and {dataset.num_classes} "
                          f"classes; the supernet expects {space.in_channels} and {space.num_classes}")
@@ -266,17 +267,6 @@ def _evaluator(request: SearchRequest, supernet: Any, state: dict[str, Any]) -> 
                                   bn_batch_size=request.bn_batch_size, device=resolve_device(request.device),
                                   seed=request.seed)
     return evaluator, data_spec
-
-
-def _val_size(request: SearchRequest, state: dict[str, Any]) -> int | float:
-    """The validation split to rank on: the one asked for, else the one the supernet was trained with.
-
-    A search on another split than training's would score subnets on images the supernet trained on.
-    """
-    if request.val_size is not None:
-        return request.val_size
-    recorded = state.get("val_size")
-    return recorded if isinstance(recorded, int | float) and not isinstance(recorded, bool) else 5000
 
 
 def _strategy_options(request: SearchRequest) -> dict[str, Any]:
